@@ -1,0 +1,201 @@
+"""Attention backends and the frame-level masks of the causal DiT.
+
+Every token belongs to a latent frame, and every mask we need is constant over the tokens of a frame, so masks are
+built at frame granularity (`[Fq, Fk]`, tiny) from a small spec and expanded only where a backend needs it:
+
+* CPU / no mask needed: `torch.nn.functional.scaled_dot_product_attention` (a dense boolean mask on CPU);
+* GPU with a mask: flex attention with a block mask whose `mask_mod` looks the frame mask up;
+* GPU without a mask (cached `denoise` / `commit` calls, cross-attention): SDPA, which dispatches to the
+  flash / cuDNN kernels.
+
+Visibility rule (`reference/ar_models.md` §2.2, §3.3): a query in a block that ends at frame ``e`` sees a key frame
+``f`` iff ``f < e`` and, with a local window of ``W`` frames and ``S`` sink frames, ``f`` is a sink frame or
+``f >= e - (W - S)``. In the teacher-forcing layout ``[clean ; noisy]`` a noisy block sees the clean frames before
+its own start plus the noisy frames of its own block; clean frames follow the block-causal rule among themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Backend = Literal["auto", "sdpa", "flex"]
+
+
+def block_bounds(
+    num_frames: int, frames_per_block: int, first_block_frames: int | None = None, start_frame: int = 0
+) -> list[tuple[int, int]]:
+    """Split frames ``[start_frame, start_frame + num_frames)`` into blocks ``[(start, end), ...]``.
+
+    The first of these blocks may be shorter or longer (``first_block_frames``, e.g. 1 for an independent first
+    frame).
+    Raises if the frames do not split into whole blocks: a partial last block would silently change the model's
+    attention pattern.
+    """
+    if frames_per_block < 1:
+        raise ValueError(f"frames_per_block must be >= 1, got {frames_per_block}")
+    bounds: list[tuple[int, int]] = []
+    s = start_frame
+    end = start_frame + num_frames
+    if first_block_frames is not None and num_frames > 0:
+        s = start_frame + first_block_frames
+        bounds.append((start_frame, s))
+    while s < end:
+        bounds.append((s, s + frames_per_block))
+        s += frames_per_block
+    if bounds and bounds[-1][1] != end:
+        first = f" (first block {first_block_frames})" if first_block_frames is not None else ""
+        raise ValueError(
+            f"{num_frames} latent frames do not split into blocks of {frames_per_block}{first}; "
+            f"use a frame count of first_block + k·{frames_per_block}"
+        )
+    return bounds
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """Per-frame description of a token sequence: which frame, which block, clean or noisy, sink or not.
+
+    All lists have one entry per frame of the sequence, in sequence order. Frame indices are absolute (they are
+    also the RoPE temporal positions).
+    """
+
+    frame: tuple[int, ...]
+    block_start: tuple[int, ...]
+    block_end: tuple[int, ...]
+    noisy: tuple[bool, ...]
+    sink: tuple[bool, ...]
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def __add__(self, other: "FrameLayout") -> "FrameLayout":
+        return FrameLayout(
+            self.frame + other.frame,
+            self.block_start + other.block_start,
+            self.block_end + other.block_end,
+            self.noisy + other.noisy,
+            self.sink + other.sink,
+        )
+
+    @staticmethod
+    def of_blocks(bounds: list[tuple[int, int]], *, noisy: bool = False, sink_frames: int = 0) -> "FrameLayout":
+        frame, bs, be = [], [], []
+        for s, e in bounds:
+            for f in range(s, e):
+                frame.append(f)
+                bs.append(s)
+                be.append(e)
+        return FrameLayout(
+            tuple(frame), tuple(bs), tuple(be), (noisy,) * len(frame), tuple(f < sink_frames for f in frame)
+        )
+
+
+def frame_mask(
+    queries: FrameLayout, keys: FrameLayout, window_frames: int | None = None, sink_frames: int = 0
+) -> Tensor:
+    """Boolean visibility ``[Fq, Fk]`` (True = attend) under the block-causal / window / sink / TF rule.
+
+    Args:
+        queries, keys: the frame layouts of the query and key sequences.
+        window_frames: total attention span in frames *including* the sink and the query's own block
+            (LongLive: 12), or None for unbounded (global) attention.
+        sink_frames: how many frames of that span are the sink (keys flagged ``sink`` in their layout).
+    """
+    qf = torch.tensor(queries.block_end)[:, None]
+    qs = torch.tensor(queries.block_start)[:, None]
+    qn = torch.tensor(queries.noisy)[:, None]
+    kf = torch.tensor(keys.frame)[None, :]
+    kn = torch.tensor(keys.noisy)[None, :]
+    ks = torch.tensor(keys.sink)[None, :]
+    # A clean key is context: visible to clean queries up to their block end, to noisy queries before their block.
+    clean_vis = ~kn & torch.where(qn, kf < qs, kf < qf)
+    # A noisy key is visible only to the noisy queries of its own block.
+    noisy_vis = kn & qn & (kf >= qs) & (kf < qf)
+    visible = clean_vis | noisy_vis
+    if window_frames is not None:
+        in_window = kf >= qf - (window_frames - sink_frames)
+        visible = visible & (ks | in_window)
+    return visible
+
+
+@dataclass
+class AttentionMask:
+    """A frame mask plus the token geometry; lazily materialises the dense or flex form a backend needs."""
+
+    frames: Tensor  # [Fq, Fk] bool
+    tokens_per_frame: int
+    _dense: dict = field(default_factory=dict, repr=False)
+    _flex: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def all_visible(self) -> bool:
+        return bool(self.frames.all())
+
+    def dense(self, device: torch.device) -> Tensor:
+        """Token-level boolean mask ``[Lq, Lk]``."""
+        if device not in self._dense:
+            t = self.tokens_per_frame
+            m = self.frames.repeat_interleave(t, 0).repeat_interleave(t, 1)
+            self._dense[device] = m.to(device)
+        return self._dense[device]
+
+    def flex(self, device: torch.device):
+        """Flex-attention ``BlockMask`` (built once per device)."""
+        if device not in self._flex:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            frames = self.frames.to(device)
+            t = self.tokens_per_frame
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return frames[q_idx // t, kv_idx // t]
+
+            lq, lk = frames.shape[0] * t, frames.shape[1] * t
+            self._flex[device] = create_block_mask(mask_mod, None, None, lq, lk, device=str(device))
+        return self._flex[device]
+
+
+_compiled_flex = None
+
+
+def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
+    """Flex attention, compiled once on CUDA (the eager version materialises the full score matrix)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask)
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | None = None, backend: Backend = "auto"
+) -> Tensor:
+    """Multi-head attention, ``q [B, Lq, H, D]``, ``k, v [B, Lk, H, D]`` -> ``[B, Lq, H, D]``.
+
+    ``mask=None`` means every key is visible. ``backend="auto"`` picks flex attention for masked calls on CUDA and
+    SDPA everywhere else.
+    """
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, L, D]
+    if mask is not None and mask.all_visible:
+        mask = None
+    if backend == "auto":
+        backend = "flex" if (mask is not None and q.is_cuda) else "sdpa"
+    if backend == "flex":
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = _flex_attention(q, k, v, mask.flex(q.device))
+    elif backend == "sdpa":
+        attn_mask = None if mask is None else mask.dense(q.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}; use 'auto', 'sdpa' or 'flex'")
+    return out.transpose(1, 2)

@@ -1,0 +1,115 @@
+"""Model-family presets: architecture, sampler, cache policy and checkpoint key of every supported model.
+
+A family is data, not a subclass: the same `CausalWan` and the same `rollout` run all of them
+(`reference/ar_models.md` §4.6, §8.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from astrolabe_rl.models.attention import block_bounds
+from astrolabe_rl.models.kv_cache import CachePolicy
+from astrolabe_rl.models.schedule import (
+    StepSchedule,
+    causal_forcing_pp_steps,
+    causvid_steps,
+    self_forcing_steps,
+)
+from astrolabe_rl.models.wan import WanConfig
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How a family generates.
+
+    Attributes:
+        steps: the warped few-step timesteps (see `schedule`).
+        frames_per_block: latent frames generated per block (3 chunk-wise; 1 frame-wise).
+        first_block_frames: a different size for the first block, or None.
+        cache: KV-cache policy (global, or rolling window + sink for long video).
+        recache_on_switch: on a prompt switch, re-encode the last window of clean frames under the new prompt
+            (LongLive); otherwise only the cross-attention K/V change.
+        keep_sink_on_switch: keep the sink's K/V from the first prompt during a re-cache (LongLive ``global_sink``).
+    """
+
+    steps: StepSchedule
+    frames_per_block: int = 3
+    first_block_frames: int | None = None
+    cache: CachePolicy = field(default_factory=CachePolicy)
+    recache_on_switch: bool = True
+    keep_sink_on_switch: bool = True
+
+    def block_bounds(self, num_frames: int, start_frame: int = 0) -> list[tuple[int, int]]:
+        """Blocks covering ``[start_frame, start_frame + num_frames)``; only the video's first block is special."""
+        first = self.first_block_frames if start_frame == 0 else None
+        return block_bounds(num_frames, self.frames_per_block, first, start_frame)
+
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything family-specific.
+
+    Attributes:
+        name: preset name (`FAMILIES` key, the CLI's ``--model``).
+        model: the DiT geometry.
+        sampler: steps, block size and cache policy.
+        latent_hw: latent height × width (60×104 = 480×832 pixels).
+        horizon_frames: latent frames the model was trained on (21 = 81 pixel frames); longer videos with a
+            global cache switch to a rolling window of this size.
+        checkpoint_key: entry of the official ``.pt`` dict holding the weights to generate with.
+        description: one line for ``--help``.
+    """
+
+    name: str
+    model: WanConfig
+    sampler: SamplerConfig
+    latent_hw: tuple[int, int] = (60, 104)
+    horizon_frames: int = 21
+    checkpoint_key: str = "generator_ema"
+    description: str = ""
+
+    def sampler_for(self, num_frames: int) -> SamplerConfig:
+        """The sampler for a video of ``num_frames`` latent frames: beyond the training horizon a global cache
+        becomes a rolling window of ``horizon_frames`` (attention never spans more than the model was trained on)."""
+        if num_frames > self.horizon_frames and not self.sampler.cache.rolling:
+            return replace(self.sampler, cache=CachePolicy(window_frames=self.horizon_frames))
+        return self.sampler
+
+
+_SF = SamplerConfig(self_forcing_steps())
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("self_forcing", WanConfig.wan_1_3b(), _SF, checkpoint_key="generator_ema",
+               description="Self-Forcing DMD (self_forcing_dmd.pt), 3-frame blocks, 4 steps"),
+        Family("causal_forcing", WanConfig.wan_1_3b(), _SF, checkpoint_key="generator",
+               description="Causal Forcing chunk-wise (chunkwise/causal_forcing.pt), 3-frame blocks, 4 steps"),
+        Family("causal_forcing_frame", WanConfig.wan_1_3b(), replace(_SF, frames_per_block=1),
+               description="Causal Forcing frame-wise (framewise/causal_forcing.pt), 1-frame blocks, 4 steps"),
+        Family("causal_forcing_pp_2step", WanConfig.wan_1_3b(),
+               SamplerConfig(causal_forcing_pp_steps(2), frames_per_block=1),
+               description="Causal Forcing++ frame-wise 2-step (first block 4 steps)"),
+        Family("causal_forcing_pp_1step", WanConfig.wan_1_3b(),
+               SamplerConfig(causal_forcing_pp_steps(1), frames_per_block=1),
+               description="Causal Forcing++ frame-wise 1-step (first block 4 steps)"),
+        Family("longlive", WanConfig.wan_1_3b(),
+               replace(_SF, cache=CachePolicy(window_frames=12, sink_frames=3)), checkpoint_key="generator",
+               description="LongLive 1.3B (base + LoRA), 12-frame window with a 3-frame sink, KV re-cache"),
+        Family("causvid", WanConfig.wan_1_3b(), SamplerConfig(causvid_steps()), checkpoint_key="generator",
+               description="CausVid autoregressive, shift 8, 3 steps"),
+        Family("krea14b", WanConfig.wan_14b(), _SF, checkpoint_key="generator_ema",
+               description="Krea Realtime 14B (Self-Forcing on Wan2.1-14B)"),
+        Family("tiny", WanConfig.tiny(), _SF, latent_hw=(8, 8), horizon_frames=9,
+               description="a 2-layer random-weight model for CPU smoke tests"),
+    )
+}
+
+
+def get_family(name: str) -> Family:
+    """Look a preset up by name, with an error listing the choices."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; choose one of {', '.join(FAMILIES)}")
+    return FAMILIES[name]

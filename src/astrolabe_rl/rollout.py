@@ -1,0 +1,225 @@
+"""The streaming few-step sampler: prompts × K candidates, recorded noise, long video, history, prompt switches.
+
+For each block of ``frames_per_block`` latent frames (`reference/ar_models.md` §2.4):
+
+    x ← ε_0                                         pure noise at t_0 = 1000
+    for k, t_k in enumerate(steps):
+        v̂  = model.denoise(cache, x, t_k)            reads the cache, never writes it
+        x̂0 = x - σ(t_k)·v̂                            float64
+        if k < last: x ← (1 - σ_{k+1})·x̂0 + σ_{k+1}·ε_{k+1}     fresh noise
+    model.commit(cache, x̂0)                          clean pass at the context timestep -> K/V appended
+
+Every ε comes from a per-sample ``torch.Generator`` seeded with that sample's seed, so a video depends only on its
+seed (not on the batch it was generated in) and a rollout replays bit-identically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from astrolabe_rl.models.families import SamplerConfig
+from astrolabe_rl.models.kv_cache import KVCache
+from astrolabe_rl.models.schedule import renoise, sigma_of, x0_from_velocity
+from astrolabe_rl.models.wan import CausalWan
+
+
+@dataclass
+class PromptSwitch:
+    """From latent frame ``frame`` on (a block boundary), condition on ``text`` ``[P, L, text_dim]``."""
+
+    frame: int
+    text: Tensor
+
+
+@dataclass
+class BlockTrace:
+    """What one block's sampler saw: its frames, the timesteps and every noisy input ``[B, S, f, C, H, W]``."""
+
+    start: int
+    end: int
+    timesteps: tuple[float, ...]
+    inputs: Tensor
+
+
+@dataclass
+class Rollout:
+    """A batch of generated videos.
+
+    Attributes:
+        latents: clean latents ``[B, F, C, H, W]`` of the generated frames (history excluded), model dtype.
+        seeds: the seed of each sample; ``rollout(..., seeds=seeds)`` replays it.
+        start_frame: absolute latent index of ``latents[:, 0]`` (the history length).
+        traces: per block, the noisy inputs of every step (only with ``record=True``).
+    """
+
+    latents: Tensor
+    seeds: list[int]
+    start_frame: int = 0
+    traces: list[BlockTrace] | None = None
+
+
+class NoiseSource:
+    """Per-sample generators: noise for sample b depends only on ``seeds[b]`` and how many draws came before."""
+
+    def __init__(self, seeds: Sequence[int], device: torch.device) -> None:
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.device = device
+
+    def draw(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """``[B, *shape]`` standard normal noise (drawn in float32, then cast)."""
+        return torch.stack(
+            [torch.randn(shape, generator=g, device=self.device, dtype=torch.float32) for g in self.generators]
+        ).to(dtype)
+
+
+def _expand(x: Tensor, candidates: int, batch: int, what: str) -> Tensor:
+    """Repeat per-prompt tensors ``[P, ...]`` K times (``[P·K, ...]``, candidates of a prompt adjacent)."""
+    if x.shape[0] == batch:
+        return x
+    if x.shape[0] * candidates == batch:
+        return x.repeat_interleave(candidates, dim=0)
+    raise ValueError(f"{what} has batch {x.shape[0]}; expected {batch // candidates} prompts or {batch} samples")
+
+
+@torch.no_grad()
+def rollout(
+    model: CausalWan,
+    text: Tensor,
+    *,
+    num_frames: int,
+    latent_hw: tuple[int, int],
+    sampler: SamplerConfig,
+    seeds: Sequence[int] | int = 0,
+    candidates: int = 1,
+    history: Tensor | None = None,
+    switches: Sequence[PromptSwitch] = (),
+    record: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Rollout:
+    """Generate ``num_frames`` latent frames for every prompt × ``candidates``.
+
+    Args:
+        model: the DiT (its dtype and device are used throughout).
+        text: text embeddings ``[P, L, text_dim]`` of P prompts.
+        num_frames: latent frames to generate (after the history); any length, through the rolling cache when
+            the policy has a window.
+        latent_hw: latent height and width (60×104 for 480×832).
+        sampler: steps, block size, cache policy (`families` has every family's).
+        seeds: one seed per sample (P·K of them), or a base seed ``s`` giving ``s, s+1, ...``.
+        candidates: K videos per prompt (adjacent in the batch: sample ``p·K + k``).
+        history: clean latents ``[P or P·K, Fh, C, H, W]`` committed to the cache before generating (video
+            extension, image-to-video, streaming RL); generation continues at frame Fh.
+        switches: prompt switches at block boundaries (absolute latent frame indices).
+        record: keep every block's noisy inputs in ``Rollout.traces``.
+        progress: called with ``(blocks_done, blocks_total)`` after each block.
+    """
+    device, dtype = model.device, model.dtype
+    p = text.shape[0]
+    b = p * candidates
+    seeds = list(range(seeds, seeds + b)) if isinstance(seeds, int) else list(seeds)
+    if len(seeds) != b:
+        raise ValueError(f"got {len(seeds)} seeds for {p} prompts × {candidates} candidates = {b} samples")
+    c, (hh, ww) = model.config.in_dim, latent_hw
+    h_frames = 0 if history is None else history.shape[1]
+    total = h_frames + num_frames
+    gen_bounds = sampler.block_bounds(num_frames, start_frame=h_frames)
+    switch_at = {s.frame: s for s in switches}
+    for s in switches:
+        if s.frame not in {bs for bs, _ in gen_bounds}:
+            raise ValueError(
+                f"prompt switch at latent frame {s.frame} is not the start of a generated block "
+                f"(blocks start at {[bs for bs, _ in gen_bounds]})"
+            )
+
+    cache = model.new_cache(b, latent_hw, total, sampler.cache)
+    cache.text = model.encode_text(_expand(text.to(device), candidates, b, "text"))
+    noise = NoiseSource(seeds, device)
+    clean = torch.empty(b, total, c, hh, ww, dtype=dtype, device=device)
+    committed: list[tuple[int, int]] = []
+
+    if history is not None:
+        clean[:, :h_frames] = _expand(history.to(device, dtype), candidates, b, "history")
+        hist_bounds = sampler.block_bounds(h_frames) if h_frames else []
+        _commit(model, cache, clean, hist_bounds, sampler, noise)
+        committed += hist_bounds
+
+    traces: list[BlockTrace] = []
+    for i, (s, e) in enumerate(gen_bounds):
+        if s in switch_at:
+            cache.text = model.encode_text(_expand(switch_at[s].text.to(device), candidates, b, "switch text"))
+            if sampler.recache_on_switch and committed:
+                _recache(model, cache, clean, committed, sampler, noise)
+        steps = sampler.steps.for_block(first=s == 0)
+        x = noise.draw((e - s, c, hh, ww), dtype)
+        inputs = []
+        for k, t_k in enumerate(steps):
+            inputs.append(x)
+            v = model.denoise(cache, x, t_k, start_frame=s)
+            x0 = x0_from_velocity(x, v, sigma_of(t_k))
+            if k < len(steps) - 1:
+                x = renoise(x0, sigma_of(steps[k + 1]), noise.draw(tuple(x.shape[1:]), dtype))
+        clean[:, s:e] = x0
+        _commit(model, cache, clean, [(s, e)], sampler, noise)
+        committed.append((s, e))
+        if record:
+            traces.append(BlockTrace(s, e, steps, torch.stack(inputs, dim=1)))
+        if progress is not None:
+            progress(i + 1, len(gen_bounds))
+    return Rollout(clean[:, h_frames:], seeds, h_frames, traces if record else None)
+
+
+def _commit(
+    model: CausalWan,
+    cache: KVCache,
+    clean: Tensor,
+    bounds: list[tuple[int, int]],
+    sampler: SamplerConfig,
+    noise: NoiseSource,
+) -> None:
+    """Commit consecutive blocks of ``clean`` in one call, at the context timestep (noised to it if > 0)."""
+    if not bounds:
+        return
+    s, e = bounds[0][0], bounds[-1][1]
+    x = clean[:, s:e]
+    t_ctx = sampler.steps.context_timestep
+    if t_ctx > 0:
+        x = renoise(x, sigma_of(t_ctx), noise.draw(tuple(x.shape[1:]), x.dtype))
+    sizes = {be - bs for bs, be in bounds[1:]}
+    model.commit(
+        cache,
+        x,
+        start_frame=s,
+        t=t_ctx,
+        frames_per_block=sizes.pop() if sizes else e - s,
+        first_block_frames=bounds[0][1] - s if len(bounds) > 1 else None,
+    )
+
+
+def _recache(
+    model: CausalWan,
+    cache: KVCache,
+    clean: Tensor,
+    committed: list[tuple[int, int]],
+    sampler: SamplerConfig,
+    noise: NoiseSource,
+) -> None:
+    """LongLive's re-cache: re-encode the last window of clean frames under the (already set) new prompt.
+
+    The blocks that start within the last ``window_frames`` frames (all of them for a global cache) are committed
+    again in one block-causal call; the sink keeps its first-prompt K/V when ``keep_sink_on_switch``.
+    """
+    policy = sampler.cache
+    end = committed[-1][1]
+    keep_sink = sampler.keep_sink_on_switch and policy.rolling and policy.sink_frames > 0
+    cache.reset(keep_sink=keep_sink)
+    if policy.rolling:  # older frames would be evicted at once and are outside every later block's window
+        first = end - policy.window_frames + (policy.sink_frames if keep_sink else 0)
+        first = max(first, cache.next_frame)
+    else:
+        first = 0
+    blocks = [(s, e) for s, e in committed if s >= first]
+    _commit(model, cache, clean, blocks, sampler, noise)
