@@ -170,7 +170,8 @@ class RopeTables:
         d_hw = 2 * (head_dim // 6)
         d_t = head_dim - 2 * d_hw
         self.inv_freq = [
-            1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim) for dim in (d_t, d_hw, d_hw)
+            1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim)
+            for dim in (d_t, d_hw, d_hw)
         ]
         self.max_frames = max_frames
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
@@ -189,9 +190,9 @@ class RopeTables:
             if len(self._cache) > 64:  # bounded: positions repeat across blocks, steps and rollouts
                 self._cache.clear()
             ft, fh, fw = self.inv_freq
-            at = torch.tensor(frames, dtype=torch.float64)[:, None] * ft  # [F, dt/2]
-            ah = torch.arange(h, dtype=torch.float64)[:, None] * fh
-            aw = torch.arange(w, dtype=torch.float64)[:, None] * fw
+            at = torch.tensor(frames, dtype=torch.float64, device="cpu")[:, None] * ft  # [F, dt/2]
+            ah = torch.arange(h, dtype=torch.float64, device="cpu")[:, None] * fh
+            aw = torch.arange(w, dtype=torch.float64, device="cpu")[:, None] * fw
             n = len(frames)
             angles = torch.cat(
                 [

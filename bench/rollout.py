@@ -1,0 +1,214 @@
+"""Benchmark: wall-clock of the streaming few-step sampler (`astrolabe_rl.rollout.rollout`) on the full DiT.
+
+What it measures
+    The DiT time of one complete video: the 4-step Self-Forcing sampler over 7 blocks of 3 latent frames with the
+    global KV cache (denoise + commit passes), text cross-attention K/V included, VAE decode and the text encoder
+    excluded. The model is the full Wan2.1-T2V-1.3B architecture (``get_family("self_forcing")``: 30 layers,
+    width 1536) with RANDOM weights (speed does not depend on them), bf16 on CUDA, latent 60×104 (480×832 pixels),
+    21 latent frames = 81 pixel frames, random text embeddings ``[P, 512, 4096]``. Each batch size is warmed up,
+    then timed ``--repeats`` times (``torch.cuda.synchronize`` around each run); the median is reported.
+
+    ``dit_frames_per_s`` = batch · pixel_frames / median seconds (pixel frames = 4·(latent_frames - 1) + 1).
+    ``peak_mem_gb`` = ``torch.cuda.max_memory_allocated`` (reset per batch size; on CPU the process's peak RSS).
+    ``cache_kv_gb`` = size of the self-attention KV cache (+ text K/V) the sampler preallocates for that batch.
+    ``text_kv_s_median`` = time of ``model.encode_text`` alone (the projected text and every layer's cross-attn K/V),
+    which is part of ``dit_s_median``.
+
+The bar
+    H200, batch 8: >= 50 DiT frames/s (the public Self-Forcing pipeline reaches 32.4).
+
+Output
+    Exactly one JSON line on stdout, e.g.::
+
+        {"bench": "rollout", "device": "NVIDIA H200", "dtype": "bfloat16", "model": "wan_1_3b", "latent_frames": 21,
+         "pixel_frames": 81, "results": [{"batch": 1, "dit_s_median": ..., "dit_frames_per_s": ...,
+         "peak_mem_gb": ..., "cache_kv_gb": ...}, ...], "torch": "2.x"}
+
+Usage
+    python bench/rollout.py                      # full 1.3B on CUDA, bf16, batches 1 and 8
+    python bench/rollout.py --batches 8 --repeats 5 --compile
+    python bench/rollout.py --tiny               # 2-layer model on CPU in float32 (what CI runs; seconds)
+
+Only torch and `astrolabe_rl.models` / `astrolabe_rl.rollout` are imported (no diffusers / transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+try:
+    import astrolabe_rl  # noqa: F401
+except ImportError:  # run from a checkout without installing: use the repository's src/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch
+
+from astrolabe_rl.models import CausalWan, WanConfig, get_family
+from astrolabe_rl.rollout import rollout
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "fp32": torch.float32, "float32": torch.float32}
+
+
+def _model_name(cfg: WanConfig) -> str:
+    for name in ("wan_1_3b", "wan_14b", "tiny"):
+        if cfg == getattr(WanConfig, name)():
+            return name
+    return f"wan_custom_{cfg.num_layers}x{cfg.dim}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_mem_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    try:  # CPU: the process's peak resident set (KiB on Linux)
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    except (ImportError, OSError):
+        return float("nan")
+
+
+def _timed(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _compile_blocks(model: CausalWan) -> str:
+    """torch.compile every DiT block in place (parameter names unchanged). Returns what was done."""
+    if model.device.type != "cuda":
+        return "skipped (not on CUDA)"
+    if not hasattr(torch.nn.Module, "compile"):
+        return "skipped (torch too old)"
+    # Key lengths grow block by block (the cache fills): let dynamo mark them dynamic, and allow enough variants.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for block in model.blocks:
+        block.compile()
+    return "blocks"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="2-layer random model on CPU in float32 (CI smoke run)")
+    p.add_argument("--family", default="self_forcing", help="model family preset (default self_forcing)")
+    p.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
+    p.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="default: bf16 (fp32 with --tiny)")
+    p.add_argument("--frames", type=int, default=None, help="latent frames (default: the family horizon, 21)")
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--candidates", type=int, default=1, help="videos per prompt (batch = prompts × candidates)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size first")
+    p.add_argument("--compile", action="store_true", help="torch.compile each DiT block (CUDA only; else skipped)")
+    p.add_argument("--attn-backend", default="auto", choices=["auto", "sdpa", "flex"])
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    family = get_family("tiny" if args.tiny else args.family)
+    device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.float32 if args.tiny else torch.bfloat16)
+    frames = args.frames or family.horizon_frames
+    sampler = family.sampler_for(frames)
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    cfg = family.model
+    hh, ww = family.latent_hw
+    torch.manual_seed(args.seed)
+
+    with torch.device(device):  # build directly on the device: CPU init of 1.3B parameters is slow
+        model = CausalWan(cfg)
+    model = model.to(dtype).eval().requires_grad_(False)
+    model.attn_backend = args.attn_backend
+    compiled = _compile_blocks(model) if args.compile else "off"
+
+    tpf = cfg.tokens_per_frame(hh, ww)
+    elem = torch.finfo(dtype).bits // 8
+    pixel_frames = 4 * (frames - 1) + 1
+    results = []
+    for batch in batches:
+        if batch % args.candidates:
+            raise SystemExit(f"batch {batch} is not a multiple of --candidates {args.candidates}")
+        prompts = batch // args.candidates
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        text = torch.randn(prompts, cfg.text_len, cfg.text_dim, generator=gen, device=device, dtype=torch.float32)
+        text = text.to(dtype)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def run() -> None:
+            rollout(model, text, num_frames=frames, latent_hw=(hh, ww), sampler=sampler, seeds=args.seed,
+                    candidates=args.candidates)
+
+        def encode() -> None:
+            with torch.no_grad():
+                model.encode_text(text.repeat_interleave(args.candidates, dim=0))
+
+        times = _timed(run, device, args.warmup, args.repeats)
+        peak = _peak_mem_gb(device)
+        text_times = _timed(encode, device, 1 if args.warmup else 0, args.repeats)
+        median = statistics.median(times)
+        cache_frames = sampler.cache.window_frames or frames
+        cache_bytes = 2 * cfg.num_layers * batch * cache_frames * tpf * cfg.dim * elem
+        text_kv_bytes = 2 * cfg.num_layers * batch * cfg.text_len * cfg.dim * elem
+        results.append({
+            "batch": batch,
+            "dit_s_median": median,
+            "dit_s_all": times,
+            "dit_frames_per_s": batch * pixel_frames / median,
+            "latent_frames_per_s": batch * frames / median,
+            "peak_mem_gb": peak,
+            "cache_kv_gb": (cache_bytes + text_kv_bytes) / 1e9,
+            "text_kv_s_median": statistics.median(text_times),
+        })
+
+    out = {
+        "bench": "rollout",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "model": _model_name(cfg),
+        "family": family.name,
+        "latent_frames": frames,
+        "pixel_frames": pixel_frames,
+        "latent_hw": [hh, ww],
+        "steps": len(sampler.steps.timesteps),
+        "frames_per_block": sampler.frames_per_block,
+        "compile": compiled,
+        "attn_backend": args.attn_backend,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "results": results,
+        "torch": torch.__version__,
+    }
+    print(json.dumps(out), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
