@@ -1,0 +1,347 @@
+"""The run configuration: a typed dataclass schema, YAML files, dotted overrides, and validation that teaches.
+
+    cfg = load_config("configs/smoke.yaml", ["train.lr=1e-5", "rollout.candidates=4"])
+
+Every field carries a ``doc`` (with its unit) in its metadata; ``astrolabe print-config`` prints them as YAML
+comments. Unknown keys are rejected with a did-you-mean; values are checked by `validate` before anything runs.
+Defaults follow the released Astrolabe method (`reference/astrolabe.md` §2, §5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation (unit included) in the metadata."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"doc": doc}, **kw)
+    return field(default=default, metadata={"doc": doc}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    family: str = _f("tiny", "model family preset (astrolabe_rl.models.FAMILIES): self_forcing, longlive, tiny, ...")
+    checkpoint: str | None = _f(None, "path of the family's official checkpoint (.pt / .safetensors); None = random init (tiny only)")
+    wan_dir: str | None = _f(None, "Wan2.1-T2V-1.3B folder (umT5 encoder + tokenizer + VAE) for real models")
+    lora: str | None = _f(None, "LoRA merged into the base before training (LongLive's lora.pt)")
+    init_seed: int = _f(0, "seed of random weights (tiny model) and of the tiny text encoder / VAE")
+    dtype: str = _f("auto", "weights and activations: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16")
+    device: str = _f("auto", "auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")
+    attn_backend: str = _f("auto", "attention kernel: auto, sdpa, flex")
+    gradient_checkpointing: bool = _f(True, "recompute each DiT block in backward (saves activation memory)")
+    vae: str = _f("auto", "decoder for rewards: auto (Wan VAE for real models, tiny random Wan VAE for tiny), wan, tiny")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _f(256, "LoRA rank r")
+    alpha: float = _f(256.0, "LoRA alpha (scale = alpha / rank)")
+    dropout: float = _f(0.0, "LoRA dropout probability")
+    targets: list[str] = _f(
+        ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+         "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"],
+        "module-name suffixes inside every DiT block that get a LoRA (default: all 10 linears)",
+    )
+    init: str | None = _f(None, "warm-start the trained adapter from this peft folder or checkpoint")
+
+
+@dataclass
+class DataConfig:
+    train_prompts: str | None = _f(None, "text file, one prompt per line (None: use `prompts`)")
+    eval_prompts: str | None = _f(None, "held-out prompts file (None: use `eval_inline`)")
+    prompts: list[str] = _f([], "inline training prompts (for small runs)")
+    eval_inline: list[str] = _f([], "inline held-out prompts")
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_epoch: int = _f(16, "P: prompts drawn per epoch (over all ranks)")
+    candidates: int = _f(24, "K: videos per prompt (the group of the advantage)")
+    num_frames: int = _f(0, "latent frames per video; 0 = the family's training horizon (21 = 81 pixel frames)")
+    micro_batch: int = _f(3, "videos per rank per rollout / training micro-batch")
+
+
+@dataclass
+class RewardItem:
+    name: str = _f("sharpness", "registered reward name (astrolabe_rl.rewards.available_rewards())")
+    weight: float = _f(1.0, "weight in the summed reward")
+    kwargs: dict[str, Any] = _f({}, "keyword arguments of the reward's factory (paths, device, dtype, ...)")
+
+
+@dataclass
+class RewardsConfig:
+    components: list[RewardItem] = _f([], "the rewards that are optimised, with their weights")
+    combine: str = _f("raw", "raw: weighted sum of raw scores (released); group_z: z-score each reward in its group first")
+    on_error: str = _f("zero", "a sample whose reward failed: drop (no loss), zero (advantage 0), abort (stop the run)")
+    monitors: list[str] = _f(
+        ["brightness", "saturation", "sharpness", "colour_entropy", "temporal_flicker", "motion_energy"],
+        "rewards that are only logged (hacking monitors)",
+    )
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(300, "epochs; one optimiser step per epoch")
+    lr: float = _f(1e-5, "AdamW learning rate")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    grad_clip: float = _f(1.0, "gradient-norm clip (L2, over all trained parameters)")
+    beta: float = _f(0.1, "NFT mixing β of the implicit policies x̂0± (released: 0.1)")
+    kl_weight: float = _f(1e-4, "λ_KL of ‖x̂0_θ − x̂0_ref‖² (released: 1e-4)")
+    adv_clip: float = _f(5.0, "advantage clip; r = ½ + clip(A)/(2·adv_clip)")
+    adv_std: str = _f("global", "advantage denominator: global (released) or group std")
+    loss_form: str = _f("release", "release: plain x0 MSE; diffusionnft: adaptive weight and ×adv_clip/β")
+    sigmas: str = _f("release_grid", "training noise levels: release_grid {1,.75,.5,.25}, sampler_grid (the warped steps), uniform U(0,1)")
+    context: str = _f("noisy", "noisy: whole clip noised under a block-causal mask (released); clean: clean detached history (teacher forcing)")
+    old_decay: int = _f(1, "old-policy update: 0 copy, 1 η=min(0.001·step, 0.5), 2 delayed")
+    ema_decay: float = _f(0.9, "EMA decay of the trained adapter (eval and export)")
+    seed: int = _f(42, "seed of prompts, noise and σ draws")
+    skip_nonfinite: bool = _f(True, "skip the optimiser step when the loss or gradient is NaN/inf (logged)")
+
+
+@dataclass
+class EvalConfig:
+    every: int = _f(10, "evaluate every N epochs (0 = never; always at the end)")
+    seeds: list[int] = _f([0], "noise seeds per held-out prompt")
+    videos: int = _f(4, "sample videos written per evaluation")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _f(30, "checkpoint every N epochs (and at the end)")
+    keep_last: int = _f(3, "complete checkpoints kept")
+    resume: str | None = _f(None, "auto (newest complete checkpoint in run_dir), a checkpoint path, or None")
+    force_resume: bool = _f(False, "resume even if run-altering config values changed")
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = _f(True, "write TensorBoard events")
+    wandb: bool = _f(False, "log to Weights & Biases (pip install wandb)")
+    wandb_project: str | None = _f("astrolabe-rl", "wandb project")
+    table: bool = _f(True, "write the per-rollout table (prompt, seed, rewards, advantage, group)")
+    plots: bool = _f(True, "draw reward / KL curves as PNG at the end")
+    progress: bool = _f(True, "rank-0 progress bar")
+
+
+@dataclass
+class DistConfig:
+    strategy: str = _f("ddp", "multi-GPU strategy under torchrun: ddp, fsdp2, none")
+
+
+@dataclass
+class Config:
+    run_dir: str = _f("runs/default", "output folder: config, metrics.jsonl, events, samples, tables, checkpoints")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "the DiT and its decoders"})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"doc": "the trained adapter"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "prompts"})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"doc": "sampling"})
+    rewards: RewardsConfig = field(default_factory=RewardsConfig, metadata={"doc": "the objective"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "the NFT update"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "held-out evaluation"})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"doc": "saving and resuming"})
+    log: LogConfig = field(default_factory=LogConfig, metadata={"doc": "outputs"})
+    dist: DistConfig = field(default_factory=DistConfig, metadata={"doc": "multi-GPU"})
+
+
+# Values that change what a run computes: resuming across a change to one of them needs --force-resume.
+CRITICAL_KEYS = (
+    "model.family", "model.checkpoint", "lora.rank", "lora.alpha", "lora.targets", "rollout.prompts_per_epoch",
+    "rollout.candidates", "rollout.num_frames", "train.beta", "train.kl_weight", "train.adv_clip", "train.loss_form",
+    "train.sigmas", "train.context", "train.old_decay", "train.seed", "train.epochs", "rewards.components",
+    "rewards.combine",
+)
+
+_CHOICES = {
+    "model.dtype": ("auto", "float32", "bfloat16"),
+    "model.attn_backend": ("auto", "sdpa", "flex"),
+    "model.vae": ("auto", "wan", "tiny"),
+    "rewards.combine": ("raw", "group_z"),
+    "rewards.on_error": ("drop", "zero", "abort"),
+    "train.adv_std": ("global", "group"),
+    "train.loss_form": ("release", "diffusionnft"),
+    "train.sigmas": ("release_grid", "sampler_grid", "uniform"),
+    "train.context": ("noisy", "clean"),
+    "train.old_decay": (0, 1, 2),
+    "dist.strategy": ("ddp", "fsdp2", "none"),
+}
+
+_POSITIVE = (
+    "rollout.prompts_per_epoch", "rollout.candidates", "rollout.micro_batch", "train.epochs", "train.lr",
+    "lora.rank", "lora.alpha", "train.grad_clip", "train.adv_clip", "checkpoint.keep_last",
+)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def _check_keys(data: dict, schema: type, prefix: str = "") -> None:
+    """Reject unknown keys with a did-you-mean before OmegaConf sees them."""
+    names = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ValueError(f"unknown config key '{path}'{hint} (valid here: {', '.join(names)})")
+        sub = names[key].default_factory if names[key].default_factory is not dataclasses.MISSING else None
+        if isinstance(value, dict) and sub is not None and dataclasses.is_dataclass(sub):
+            _check_keys(value, sub, prefix=f"{path}.")
+        if key == "components" and isinstance(value, list):
+            for i, item in enumerate(value):
+                if not isinstance(item, dict):
+                    raise ValueError(f"{path}[{i}] must be a mapping like {{name: hpsv3, weight: 1.0}}")
+                _check_keys(item, RewardItem, prefix=f"{path}[{i}].")
+
+
+def _dotted_to_nested(key: str, value: Any) -> dict:
+    out: dict = {}
+    cur = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-5)")
+    key, raw = item.split("=", 1)
+    import yaml
+
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Schema defaults <- YAML file <- dotted overrides, then `validate`."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    import yaml
+
+    layers: list[dict] = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file {p} does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {p} must hold a mapping at the top level")
+        layers.append(data)
+    for item in overrides:
+        key, value = _parse_override(item)
+        layers.append(_dotted_to_nested(key, value))
+    for layer in layers:
+        _check_keys(layer, Config)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), *layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:  # type errors: say which key and what was expected
+        key = getattr(e, "full_key", None) or "?"
+        raise ValueError(f"bad value for config key '{key}': {str(e).splitlines()[0]}") from None
+    validate(cfg)
+    return cfg
+
+
+def get_value(cfg: Config | dict, dotted: str) -> Any:
+    cur: Any = cfg
+    for part in dotted.split("."):
+        cur = cur[part] if isinstance(cur, dict) else getattr(cur, part)
+    return cur
+
+
+def validate(cfg: Config) -> None:
+    """Semantic checks with errors that say what to change."""
+    for key, choices in _CHOICES.items():
+        value = get_value(cfg, key)
+        if value not in choices:
+            raise ValueError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
+    for key in _POSITIVE:
+        if not get_value(cfg, key) > 0:
+            raise ValueError(f"{key} must be > 0, got {get_value(cfg, key)}")
+    if not 0 <= cfg.train.beta <= 1:
+        raise ValueError(f"train.beta={cfg.train.beta} must lie in [0, 1] (released: 0.1)")
+    if cfg.train.kl_weight < 0:
+        raise ValueError(f"train.kl_weight must be >= 0, got {cfg.train.kl_weight}")
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise ValueError(f"train.ema_decay must lie in [0, 1), got {cfg.train.ema_decay}")
+    if cfg.rollout.candidates < 2:
+        raise ValueError("rollout.candidates must be >= 2: the advantage compares videos of the same prompt")
+    if cfg.rollout.num_frames < 0:
+        raise ValueError(f"rollout.num_frames must be >= 0 (0 = the family's horizon), got {cfg.rollout.num_frames}")
+    if not cfg.rewards.components:
+        raise ValueError("rewards.components is empty: give at least one reward, e.g. [{name: sharpness, weight: 1}]")
+    if not cfg.data.prompts and not cfg.data.train_prompts:
+        raise ValueError("no training prompts: set data.train_prompts (a file) or data.prompts (a list)")
+    from astrolabe_rl.models.families import FAMILIES
+
+    if cfg.model.family not in FAMILIES:
+        close = difflib.get_close_matches(cfg.model.family, FAMILIES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"model.family={cfg.model.family!r} is unknown{hint} (choose from {', '.join(FAMILIES)})")
+    if cfg.model.family != "tiny" and (cfg.model.checkpoint is None or cfg.model.wan_dir is None):
+        raise ValueError(
+            f"model.family={cfg.model.family!r} needs model.checkpoint (the official weights) and model.wan_dir "
+            "(the Wan2.1-T2V-1.3B folder with the umT5 encoder and the VAE)"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Config | dict, keys: tuple[str, ...] = CRITICAL_KEYS) -> str:
+    """Stable hash of the values that change what the run computes."""
+    d = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    picked = {k: get_value(d, k) for k in keys}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _yaml_scalar(value: Any) -> str:
+    """JSON (valid flow-style YAML), with floats spelled so YAML 1.1 reads them back as floats (1.0e-05)."""
+    if isinstance(value, float):
+        text = repr(value)
+        mantissa, e, exp = text.partition("e")
+        return f"{mantissa}.0e{exp}" if e and "." not in mantissa else text
+    if isinstance(value, list):
+        return "[" + ", ".join(_yaml_scalar(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def dump_yaml(cfg: Config, with_docs: bool = True) -> str:
+    """YAML of the config; with ``with_docs`` every field is preceded by its documentation as a comment."""
+    import yaml
+
+    if not with_docs:
+        return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    lines: list[str] = []
+
+    def emit(obj: Any, indent: int) -> None:
+        pad = "  " * indent
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            doc = f.metadata.get("doc")
+            if doc:
+                lines.append(f"{pad}# {doc}")
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{pad}{f.name}:")
+                emit(value, indent + 1)
+            else:
+                if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+                    value = [dataclasses.asdict(v) for v in value]
+                lines.append(f"{pad}{f.name}: {_yaml_scalar(value)}")
+
+    emit(cfg, 0)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""Training infrastructure: the recipe, checkpoints, logging and distributed helpers."""

@@ -1,0 +1,439 @@
+"""Full-state checkpoints that resume bit-exactly, written atomically, with a completion marker.
+
+On-disk layout (one folder per saved step; ``state`` is the dict given to `save_checkpoint`):
+
+    run_dir/checkpoints/
+      step-000300/
+        adapters.safetensors   one file per ``state`` entry that is a flat dict of tensors
+        old.safetensors          (trained adapters, old policy, EMA, ...): safetensors, dtype-exact
+        ema.safetensors
+        optimizer.pt           every other entry (optimizer/scheduler state, trainer counters, ...): torch.save,
+        trainer.pt               loaded back with weights_only=True, so keep them to tensors, numbers, strings,
+                                 lists, tuples and dicts
+        rng-rank0.pt           each rank's RNG streams (python, numpy, torch CPU, every CUDA device)
+        rng-rank1.pt ...
+        config.yaml            the resolved run config
+        COMPLETE               JSON: format, step, time, config_hash, world_size, {file: size in bytes}
+      .tmp-step-000330/        a save in progress (or one that crashed): never loaded, removed by the next save
+
+A save writes everything into ``.tmp-step-XXXXXX``, fsyncs it, renames it to ``step-XXXXXX`` and only then writes
+``COMPLETE`` (itself atomically). A folder is a checkpoint if and only if its marker parses and every file it
+lists has the recorded size, so a crash at any point leaves the previous checkpoint as the newest complete one.
+
+Distributed use: every rank calls `save_checkpoint` with its own rank and a barrier (rank 0 writes the shared
+files; each rank writes its own RNG file). If one rank raises mid-save the others wait at the next barrier until
+the process group times out, as with any collective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+CHECKPOINTS = "checkpoints"
+MARKER = "COMPLETE"
+CONFIG_FILE = "config.yaml"
+FORMAT_VERSION = 1
+
+_STEP_DIR = re.compile(r"step-(\d{6,})")
+_STATE_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_RNG_FILE = "rng-rank{rank}.pt"
+_MISSING = "<missing>"
+
+
+# ------------------------------------------------------------------------------------------------ RNG
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG streams: python ``random``, numpy's global generator, torch CPU, every CUDA device."""
+    np_state = np.random.get_state(legacy=False)
+    # numpy arrays would need unsafe unpickling on load; the key is 624 uint32s, a plain list is as exact
+    np_state["state"]["key"] = np_state["state"]["key"].tolist()
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Put back the streams `capture_rng` returned; the next draws equal the draws that followed the capture."""
+    random.setstate(state["python"])
+    np_state = dict(state["numpy"])
+    np_state["state"] = {**np_state["state"], "key": np.asarray(np_state["state"]["key"], dtype=np.uint32)}
+    np.random.set_state(np_state)
+    torch.set_rng_state(state["torch"].cpu())
+    saved_cuda = state.get("cuda")
+    if saved_cuda is None:
+        return
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible != len(saved_cuda):
+        warnings.warn(
+            f"CUDA RNG not restored: the checkpoint holds {len(saved_cuda)} device states, this process sees "
+            f"{visible} CUDA devices; the resumed run will not be bit-exact",
+            stacklevel=2,
+        )
+        return
+    torch.cuda.set_rng_state_all([s.cpu() for s in saved_cuda])
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def config_hash(config: Mapping[str, Any], keys: Iterable[str] | None = None) -> str:
+    """16 hex digits identifying ``config``, or only the dotted ``keys`` of it (the run-altering ones).
+
+    Stable across processes and Python versions: the values are normalised to JSON (tuples become lists) and
+    serialised with sorted keys. A key absent from ``config`` hashes as ``"<missing>"``.
+    """
+    plain = _plain(config)
+    picked = plain if keys is None else {k: _lookup(plain, k) for k in _keys(keys)}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def check_resume_compatible(
+    saved_config: Mapping[str, Any], config: Mapping[str, Any], critical: Iterable[str], force: bool
+) -> None:
+    """Refuse to resume when a run-altering value changed (ValueError), or warn when ``force`` is set.
+
+    Args:
+        saved_config: the config stored in the checkpoint (``load_checkpoint(...)["config"]``).
+        config: the config of the run that wants to resume.
+        critical: dotted keys whose change alters what the run computes, e.g. ``"train.sigmas"``.
+        force: the user passed ``--force-resume``: warn with the same list instead of raising.
+    """
+    old, new = _plain(saved_config), _plain(config)
+    changes = [
+        f"  {key}: {_show(_lookup(old, key))} -> {_show(_lookup(new, key))}"
+        for key in _keys(critical)
+        if _lookup(old, key) != _lookup(new, key)
+    ]
+    if not changes:
+        return
+    message = "these run-altering config values differ from the checkpoint's:\n" + "\n".join(changes)
+    if force:
+        warnings.warn(message + "\nresuming anyway (--force-resume)", stacklevel=2)
+        return
+    raise ValueError(
+        message + "\nrestore them, start a fresh run_dir, or pass --force-resume to resume with the new values"
+    )
+
+
+def _plain(config: Any) -> Any:
+    """JSON-normalised copy: dataclasses -> dicts, tuples -> lists, Paths and other objects -> str."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    return json.loads(json.dumps(config, default=str))
+
+
+def _lookup(config: Any, dotted: str) -> Any:
+    """``config["a"]["b"]`` for ``"a.b"``; ``"<missing>"`` where a level is absent."""
+    value = config
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+def _keys(keys: Iterable[str]) -> list[str]:
+    if isinstance(keys, str):  # a lone "train.sigmas" would otherwise be iterated letter by letter
+        raise TypeError(f"pass a list of dotted keys, not the string {keys!r}")
+    return list(keys)
+
+
+def _show(value: Any) -> str:
+    return value if value is _MISSING else json.dumps(value)
+
+
+# ------------------------------------------------------------------------------------------------ save
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    state: Mapping[str, Any],
+    *,
+    config: Mapping[str, Any],
+    rank: int = 0,
+    is_main: bool | None = None,
+    keep_last: int | None = 3,
+    barrier: Callable[[], None] | None = None,
+) -> Path | None:
+    """Write ``run_dir/checkpoints/step-{step:06d}/`` atomically; every rank calls this.
+
+    Args:
+        run_dir: the run's output folder.
+        step: optimiser step (names the folder).
+        state: ``{"adapters": {name: Tensor}, "old": ..., "ema": ..., "optimizer": opt.state_dict(),
+            "trainer": {"step": ..., "epoch": ..., "sampler": ...}, "rng": capture_rng()}``. Entry names become
+            file names (letters, digits, ``_ . -``; ``config`` is reserved). Off rank 0 only ``"rng"`` is read.
+            A missing ``"rng"`` is captured here.
+        config: the resolved run config (nested dict); saved as ``config.yaml`` and hashed into the marker.
+        rank: this process's global rank; names its RNG file.
+        is_main: whether this process writes the shared files; defaults to ``rank == 0``.
+        keep_last: complete checkpoints kept after this one is written (the new one always survives);
+            None keeps all.
+        barrier: waits for every rank (e.g. ``lambda: dist.barrier(ctx)``); required off rank 0.
+    Returns:
+        The checkpoint folder on the main rank, None elsewhere.
+    """
+    is_main = rank == 0 if is_main is None else is_main
+    _check_save_args(step, rank, keep_last, barrier)
+    if is_main:
+        _check_state_keys(state)
+    wait = barrier or (lambda: None)
+    rng = state["rng"] if "rng" in state else capture_rng()
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-{final.name}"
+
+    if is_main:
+        _fresh_dir(tmp)
+    wait()  # the temp folder exists before any rank writes into it
+    try:
+        _save_pt(tmp / _RNG_FILE.format(rank=rank), rng)
+        if is_main:
+            _save_shared(tmp, state, config)
+    except BaseException:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    wait()  # every rank's files are on disk before the folder is published
+    if is_main:
+        _publish(tmp, final, step, config)
+        _prune(root, keep_last, final)
+    wait()  # no rank moves on (or loads) before the checkpoint is complete
+    return final if is_main else None
+
+
+def _check_save_args(step: int, rank: int, keep_last: int | None, barrier: Callable[[], None] | None) -> None:
+    if step < 0:
+        raise ValueError(f"step must be >= 0; got {step}")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 (or None to keep every checkpoint); got {keep_last}")
+    if rank != 0 and barrier is None:
+        raise ValueError(f"rank {rank} needs barrier=... so no rank reads or publishes a half-written checkpoint")
+
+
+def _check_state_keys(state: Mapping[str, Any]) -> None:
+    for key in state:
+        if not isinstance(key, str) or not _STATE_KEY.fullmatch(key) or key == "config" or key.startswith("rng-"):
+            raise ValueError(
+                f"state key {key!r} cannot name a checkpoint file: use letters, digits and _ . - "
+                "('config' and 'rng-*' are reserved)"
+            )
+
+
+def _fresh_dir(path: Path) -> None:
+    """An empty ``path``; a leftover from a crashed save of the same step is discarded."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
+def _save_shared(folder: Path, state: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    import yaml
+
+    for key, value in state.items():
+        if key == "rng":
+            continue
+        if _is_flat_tensor_dict(value):
+            _save_safetensors(folder / f"{key}.safetensors", value)
+        else:
+            _save_pt(folder / f"{key}.pt", value)
+    _write_bytes(folder / CONFIG_FILE, yaml.safe_dump(_plain(config), sort_keys=False).encode())
+
+
+def _is_flat_tensor_dict(value: Any) -> bool:
+    return (
+        isinstance(value, Mapping)
+        and len(value) > 0
+        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items())
+    )
+
+
+def _save_safetensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    cpu: dict[str, Tensor] = {}
+    storages: set[int] = set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        # safetensors refuses tensors that share memory (tied weights, views of one buffer): store a copy
+        cpu[name] = tensor.clone() if storage in storages else tensor
+        storages.add(storage)
+    save_file(cpu, str(path))
+    _fsync(path)
+
+
+def _save_pt(path: Path, obj: Any) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's entry to disk (a rename is durable only once its folder is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, final: Path, step: int, config: Mapping[str, Any]) -> None:
+    """Rename the finished temp folder into place, then write the marker that makes it a checkpoint."""
+    _fsync(tmp)
+    if final.exists():  # an earlier save of this step (a rerun after resume) or a crashed, marker-less one
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+    files = {p.name: p.stat().st_size for p in sorted(final.iterdir())}
+    marker = {
+        "format": FORMAT_VERSION,
+        "step": step,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config_hash": config_hash(config),
+        "world_size": sum(name.startswith("rng-rank") for name in files),
+        "files": files,
+    }
+    part = final / f"{MARKER}.part"
+    _write_bytes(part, json.dumps(marker, indent=1).encode())
+    os.replace(part, final / MARKER)
+    _fsync(final)
+
+
+def _prune(root: Path, keep_last: int | None, keep: Path) -> None:
+    """Drop crashed saves, and complete checkpoints beyond the ``keep_last`` newest (``keep`` always stays)."""
+    for stale in root.glob(".tmp-step-*"):  # saves are sequential and run on rank 0: any left is a crash
+        shutil.rmtree(stale, ignore_errors=True)
+    complete = []
+    for _, folder in sorted(_step_dirs(root)):
+        if folder == keep:
+            continue
+        if not (folder / MARKER).exists():  # renamed but never marked: a crash between the two
+            shutil.rmtree(folder, ignore_errors=True)
+        elif read_marker(folder) is not None:
+            complete.append(folder)
+    if keep_last is not None:
+        for folder in complete[: max(0, len(complete) - (keep_last - 1))]:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ find and load
+
+
+def read_marker(path: str | Path) -> dict[str, Any] | None:
+    """The ``COMPLETE`` record of a checkpoint folder, or None unless it parses and every listed file has its size."""
+    try:
+        marker = json.loads((Path(path) / MARKER).read_text())
+        sizes_ok = all((Path(path) / name).stat().st_size == size for name, size in marker["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return marker if sizes_ok else None
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under ``run_dir/checkpoints``; temp/incomplete ones are skipped."""
+    complete = [(step, folder) for step, folder in _step_dirs(Path(run_dir) / CHECKPOINTS) if read_marker(folder)]
+    return max(complete)[1] if complete else None
+
+
+def resolve_resume(run_dir: str | Path, resume: str | Path | None) -> Path | None:
+    """Which checkpoint a run resumes from.
+
+    Args:
+        run_dir: the run's output folder.
+        resume: None (start fresh), ``"auto"`` (the latest complete checkpoint, or None when there is none), or a
+            checkpoint folder: a path, or a folder name under ``run_dir/checkpoints`` such as ``"step-000300"``.
+    Raises:
+        FileNotFoundError: the named checkpoint does not exist.
+        ValueError: it exists but is incomplete (its save was interrupted).
+    """
+    if resume is None:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if not path.exists() and (Path(run_dir) / CHECKPOINTS / path).exists():
+        path = Path(run_dir) / CHECKPOINTS / path
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint folder at {resume}; pass resume=auto or a step-XXXXXX folder")
+    if read_marker(path) is None:
+        latest = latest_checkpoint(run_dir)
+        raise ValueError(
+            f"{path} is not a complete checkpoint (no valid {MARKER} marker: its save was interrupted); "
+            f"resume from the latest complete one ({latest}) with resume=auto"
+        )
+    return path
+
+
+def load_checkpoint(path: str | Path, rank: int = 0, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint folder back into the ``state`` dict that was saved.
+
+    Returns:
+        Every saved entry (tensor dicts from safetensors, the rest from torch.load) on ``map_location``, plus
+        ``"rng"``: this rank's RNG state for `restore_rng` (always on CPU; None, with a warning, when the checkpoint
+        was written by fewer ranks), and ``"config"``: the saved config as a nested dict.
+    """
+    import yaml
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    marker = read_marker(path)
+    if marker is None:
+        raise ValueError(f"{path} is not a complete checkpoint (no valid {MARKER} marker); use resolve_resume()")
+    state: dict[str, Any] = {}
+    for name in marker["files"]:
+        file = path / name
+        if name.endswith(".safetensors"):
+            state[file.stem] = load_file(file, device=str(map_location))
+        elif name.endswith(".pt") and not name.startswith("rng-rank"):
+            state[file.stem] = torch.load(file, map_location=map_location, weights_only=True)
+    state["rng"] = _load_rng(path, rank, marker["world_size"])
+    state["config"] = yaml.safe_load((path / CONFIG_FILE).read_text())
+    return state
+
+
+def _load_rng(path: Path, rank: int, world_size: int) -> dict[str, Any] | None:
+    file = path / _RNG_FILE.format(rank=rank)
+    if not file.is_file():
+        warnings.warn(
+            f"{path} was written by {world_size} rank(s) and holds no RNG state for rank {rank}: this rank keeps "
+            "its fresh seeds, so the resumed run is not bit-exact",
+            stacklevel=3,
+        )
+        return None
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _step_dirs(root: Path) -> Iterator[tuple[int, Path]]:
+    """``(step, folder)`` for every ``step-XXXXXX`` folder under ``root`` (complete or not)."""
+    if not root.is_dir():
+        return
+    for folder in root.iterdir():
+        match = _STEP_DIR.fullmatch(folder.name)
+        if match and folder.is_dir():
+            yield int(match.group(1)), folder

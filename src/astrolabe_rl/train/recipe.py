@@ -1,0 +1,546 @@
+"""The Astrolabe training recipe: online forward-process RL (NFT) for a distilled AR video model.
+
+One epoch is one optimiser step (`reference/astrolabe.md` §2.2, DESIGN §3):
+
+    plan      = sampler.epoch_plan(epoch)                 P prompts × K candidates, spread over the ranks
+    batch     = rollout_phase(...)                         θ_old samples clean latents x0 [n, F, C, H, W]
+    scores    = score_phase(...)                           decode, every reward raw (+ monitors)
+    adv       = advantage_phase(...)                       gather, combine, A = (R − mean_group)/(std + 1e-4), r
+    stats     = update_phase(...)                          per micro-batch: σ, ε, x_t, 3 passes, NFT loss; one step
+    sync_phase(...)                                        θ_old ← η·θ_old + (1 − η)·θ ; EMA
+    evaluate / log / checkpoint
+
+Everything that touches torch.distributed lives in `train.dist`; this file reads like the algorithm.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from astrolabe_rl.algo.advantages import group_advantages, group_reward_stats, optimality_probability
+from astrolabe_rl.algo.nft import nft_objective
+from astrolabe_rl.algo.sync import ema_decay, old_decay
+from astrolabe_rl.config import CRITICAL_KEYS, Config, TrainConfig, dump_yaml, to_dict
+from astrolabe_rl.models.families import Family, SamplerConfig, get_family
+from astrolabe_rl.models.schedule import renoise, sigma_of, x0_from_velocity
+from astrolabe_rl.models.wan import CausalWan
+from astrolabe_rl.policy import Policy
+from astrolabe_rl.rewards.base import Reward, build_reward, score_all
+from astrolabe_rl.rewards.combine import combine_rewards
+from astrolabe_rl.rollout import rollout
+from astrolabe_rl.train import dist
+from astrolabe_rl.train.checkpoint import (
+    capture_rng,
+    check_resume_compatible,
+    load_checkpoint,
+    resolve_resume,
+    restore_rng,
+    save_checkpoint,
+)
+from astrolabe_rl.train.logging import RunLogger, progress
+
+RELEASE_SIGMAS = (1.0, 0.75, 0.5, 0.25)  # the unwarped DMD list the released trainer re-noises at
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+@dataclass
+class World:
+    """Everything built once per run."""
+
+    cfg: Config
+    ctx: dist.DistContext
+    family: Family
+    sampler: SamplerConfig
+    num_frames: int
+    policy: Policy
+    train_model: torch.nn.Module  # the DDP/FSDP-wrapped DiT for the θ pass (== policy.model in one process)
+    optimizer: torch.optim.Optimizer
+    encode: Callable[[list[str]], Tensor]  # prompts -> text embeddings [B, L, D]
+    decode: Callable[[Tensor], Tensor]  # latents [B, F, C, H, W] -> videos [B, T, 3, H, W] in [0, 1]
+    rewards: dict[str, Reward]
+    weights: dict[str, float]
+    monitors: dict[str, Reward]
+    prompts: list[str]
+    eval_prompts: list[str]
+    sampler_plan: dist.GroupSampler
+    logger: RunLogger
+    step: int = 0
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Batch:
+    """This rank's rollouts of one epoch."""
+
+    latents: Tensor  # [n, F, C, H, W] clean endpoints
+    text: Tensor  # [n, L, D] text embeddings
+    prompt_ids: Tensor  # [n] long, the group ids
+    global_index: Tensor  # [n] long, position in the epoch's global batch
+    seeds: list[int]
+    prompts: list[str]
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+def _device_and_dtype(cfg: Config, ctx: dist.DistContext) -> tuple[torch.device, torch.dtype]:
+    device = ctx.device if cfg.model.device == "auto" else torch.device(cfg.model.device)
+    if cfg.model.dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, getattr(torch, cfg.model.dtype)
+
+
+def _read_prompts(path: str | None, inline: list[str], what: str) -> list[str]:
+    if path is None:
+        return list(inline)
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what} file {p} does not exist")
+    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{what} file {p} is empty (one prompt per line)")
+    return prompts
+
+
+def build_model_io(
+    cfg: Config, family: Family, device: torch.device, dtype: torch.dtype
+) -> tuple[CausalWan, Callable[[list[str]], Tensor], Callable[[Tensor], Tensor]]:
+    """The base DiT, the text encoder and the decoder for this family (tiny: random weights from init_seed)."""
+    from astrolabe_rl.models import loading, text, vae
+
+    if family.name == "tiny":
+        torch.manual_seed(cfg.model.init_seed)
+        model = CausalWan(family.model)
+        encoder = text.HashTextEncoder(family.model.text_dim, family.model.text_len, seed=cfg.model.init_seed)
+    else:
+        model = loading.load_causal_wan(cfg.model.checkpoint, family.model, key=family.checkpoint_key,
+                                        lora=cfg.model.lora, device=device, dtype=dtype)
+        encoder = text.load_umt5(cfg.model.wan_dir, device=device, dtype=dtype)
+    model = model.to(device, dtype)
+    kind = cfg.model.vae if cfg.model.vae != "auto" else ("tiny" if family.name == "tiny" else "wan")
+    if kind == "tiny":
+        decoder = vae.WanVAE(vae.random_vae(vae.tiny_vae_config(), seed=cfg.model.init_seed).to(device))
+    else:
+        decoder = vae.load_vae(cfg.model.wan_dir, device=device, dtype=dtype)
+
+    def encode(prompts: list[str]) -> Tensor:
+        return encoder(prompts).to(device, dtype)
+
+    return model, encode, decoder.decode
+
+
+def setup(cfg: Config) -> World:
+    """Build the world: distributed context, model + adapters, optimiser, rewards, prompts, logger, resume."""
+    ctx = dist.init_distributed(None if cfg.model.device == "auto" else cfg.model.device)
+    device, dtype = _device_and_dtype(cfg, ctx)
+    family = get_family(cfg.model.family)
+    num_frames = cfg.rollout.num_frames or family.horizon_frames
+    sampler = family.sampler_for(num_frames)
+
+    model, encode, decode = build_model_io(cfg, family, device, dtype)
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    model.attn_backend = cfg.model.attn_backend
+    policy = Policy(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+    if cfg.lora.init:
+        policy.load_adapter(cfg.lora.init)
+    train_model = dist.wrap_model(policy.model, ctx, cfg.dist.strategy)
+    optimizer = torch.optim.AdamW(
+        policy.trainable_parameters(),
+        lr=cfg.train.lr,
+        betas=tuple(cfg.train.adam_betas),
+        eps=cfg.train.adam_eps,
+        weight_decay=cfg.train.weight_decay,
+    )
+
+    rewards = {item.name: build_reward(item.name, **item.kwargs) for item in cfg.rewards.components}
+    weights = {item.name: item.weight for item in cfg.rewards.components}
+    monitors = {name: build_reward(name) for name in cfg.rewards.monitors}
+
+    prompts = _read_prompts(cfg.data.train_prompts, cfg.data.prompts, "data.train_prompts")
+    eval_prompts = _read_prompts(cfg.data.eval_prompts, cfg.data.eval_inline, "data.eval_prompts")
+    sampler_plan = dist.GroupSampler(
+        len(prompts), cfg.rollout.prompts_per_epoch, cfg.rollout.candidates, ctx.world_size, ctx.rank, cfg.train.seed
+    )
+    logger = RunLogger(
+        Path(cfg.run_dir), tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
+        wandb_project=cfg.log.wandb_project, config=to_dict(cfg), is_main=ctx.is_main,
+    )
+    world = World(
+        cfg, ctx, family, sampler, num_frames, policy, train_model, optimizer, encode, decode, rewards, weights,
+        monitors, prompts, eval_prompts, sampler_plan, logger,
+    )
+    _maybe_resume(world)
+    return world
+
+
+def _maybe_resume(world: World) -> None:
+    cfg = world.cfg
+    path = resolve_resume(Path(cfg.run_dir), cfg.checkpoint.resume)
+    if path is None:
+        return
+    state = load_checkpoint(path, rank=world.ctx.rank)
+    check_resume_compatible(state["config"], to_dict(cfg), CRITICAL_KEYS, cfg.checkpoint.force_resume)
+    world.policy.load_state_dict(state["policy"])
+    world.optimizer.load_state_dict(state["optimizer"])
+    world.step, world.epoch = state["trainer"]["step"], state["trainer"]["epoch"]
+    world.sampler_plan.load_state_dict(state["trainer"]["sampler"])
+    restore_rng(state["rng"])
+    if world.ctx.is_main:
+        print(f"resumed from {path} at step {world.step}")
+
+
+# ------------------------------------------------------------------------------------------------ phases
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def rollout_phase(world: World, plan: list[dist.Sample]) -> Batch:
+    """θ_old samples every planned video (CFG-free, the family's own few-step sampler), in micro-batches."""
+    prompts = [world.prompts[s.prompt_id] for s in plan]
+    text = world.encode(prompts)
+    seeds = [s.seed_for_noise for s in plan]
+    latents = []
+    with world.policy.use("old") as model:
+        for sl in _chunks(len(plan), world.cfg.rollout.micro_batch):
+            out = rollout(
+                model, text[sl], num_frames=world.num_frames, latent_hw=world.family.latent_hw,
+                sampler=world.sampler, seeds=seeds[sl],
+            )
+            latents.append(out.latents)
+    device = text.device
+    return Batch(
+        latents=torch.cat(latents),
+        text=text,
+        prompt_ids=torch.tensor([s.prompt_id for s in plan], device=device),
+        global_index=torch.tensor([s.global_index for s in plan], device=device),
+        seeds=seeds,
+        prompts=prompts,
+    )
+
+
+@torch.no_grad()
+def score_phase(world: World, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor | None]:
+    """Decode and score every video with every reward (raw) and every monitor.
+
+    Returns ``(scores, monitors, first_videos)``: ``{name: [n]}`` each (NaN where a reward failed on a sample),
+    and the decoded videos of the first micro-batch for logging.
+    """
+    scores: dict[str, list[Tensor]] = {name: [] for name in world.rewards}
+    monitors: dict[str, list[Tensor]] = {name: [] for name in world.monitors}
+    first_videos = None
+    for sl in _chunks(batch.latents.shape[0], world.cfg.rollout.micro_batch):
+        videos = world.decode(batch.latents[sl]).float()
+        first_videos = videos if first_videos is None else first_videos
+        for out, rewards in ((scores, world.rewards), (monitors, world.monitors)):
+            got, errors = score_all(rewards, videos, batch.prompts[sl])
+            for name, msg in errors.items():
+                _warn(world, f"reward {name} failed on part of a batch: {msg}")
+            for name, value in got.items():
+                out[name].append(value.to(batch.latents.device))
+    cat = lambda d: {k: torch.cat(v) for k, v in d.items()}  # noqa: E731
+    return cat(scores), cat(monitors), first_videos
+
+
+@dataclass
+class Advantages:
+    r: Tensor  # [n] optimality probability of this rank's samples
+    keep: Tensor  # [n] bool: False for dropped samples (reward failed, on_error=drop)
+    adv: Tensor  # [n]
+    total: Tensor  # [n] combined reward
+    norm: dict[str, Tensor]  # [n] per reward, the values actually summed
+    metrics: dict[str, float]
+
+
+def advantage_phase(world: World, batch: Batch, scores: dict[str, Tensor]) -> Advantages:
+    """Gather every rank's rewards, combine them, and turn them into group advantages and r (released defaults).
+
+    A = (R − mean_group R) / (std_global R + 1e-4),   r = clip(½ + clip(A, ±c)/(2c), 0, 1).
+    The group is the prompt id; statistics are over the whole epoch (all ranks), then each rank keeps its slice.
+    """
+    ctx, cfg = world.ctx, world.cfg
+    gather = lambda x: dist.all_gather_cat(ctx, x)  # noqa: E731
+    all_scores = {k: gather(v.float()) for k, v in scores.items()}
+    groups = gather(batch.prompt_ids)
+    order = gather(batch.global_index)
+    total, norm = combine_rewards(all_scores, world.weights, groups, mode=cfg.rewards.combine)
+    failed = torch.isnan(total)
+    if failed.any() and cfg.rewards.on_error == "abort":
+        raise RuntimeError(f"{int(failed.sum())} samples have a failed reward and rewards.on_error=abort")
+    adv = group_advantages(total, groups, std=cfg.train.adv_std)
+    r = optimality_probability(torch.nan_to_num(adv, nan=0.0), cfg.train.adv_clip)  # failed: A = 0, r = ½
+    mine = torch.isin(order, batch.global_index)  # this rank's slice, in its own order (contiguous chunk)
+    metrics = {"reward/total": _nanmean(total), "adv/abs_mean": _nanmean(adv.abs()),
+               "adv/r_at_bounds": float(((r == 0) | (r == 1)).float().mean()),
+               "reward/failed_frac": float(failed.float().mean())}
+    for k, v in group_reward_stats(total, groups).items():
+        metrics[f"reward/group_{k}"] = float(v)
+    for name in all_scores:
+        metrics[f"reward/{name}/raw"] = _nanmean(all_scores[name])
+        metrics[f"reward/{name}/norm"] = _nanmean(norm[name])
+    keep = ~failed[mine] if cfg.rewards.on_error == "drop" else torch.ones_like(failed[mine])
+    return Advantages(r[mine], keep, adv[mine], total[mine], {k: v[mine] for k, v in norm.items()}, metrics)
+
+
+def _train_sigmas(world: World, generator: torch.Generator) -> float:
+    """One σ per micro-batch, shared by every frame (released), from the configured set."""
+    choice = world.cfg.train.sigmas
+    if choice == "uniform":
+        return max(float(torch.rand((), generator=generator)), 1e-3)
+    grid = RELEASE_SIGMAS if choice == "release_grid" else tuple(sigma_of(t) for t in world.sampler.steps.timesteps)
+    return grid[int(torch.randint(len(grid), (), generator=generator))]
+
+
+def _sample_noise(like: Tensor, seeds: list[int]) -> Tensor:
+    """Per-sample ε from per-sample seeds, so the training noise does not depend on the batch split."""
+    return torch.stack([
+        torch.randn(like.shape[1:], generator=torch.Generator().manual_seed(s), dtype=torch.float32) for s in seeds
+    ]).to(like.device, like.dtype)
+
+
+def micro_step(
+    policy: Policy,
+    train_model: torch.nn.Module,
+    sampler: SamplerConfig,
+    tcfg: TrainConfig,
+    x0: Tensor,
+    text: Tensor,
+    r: Tensor,
+    keep: Tensor,
+    sigma: float,
+    noise: Tensor,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The three passes on one micro-batch and the NFT objective (before accumulation scaling).
+
+    x0 ``[b, F, C, H, W]`` clean endpoints, r ``[b]``; the clip is noised at one σ:
+    x_t = (1 − σ)·x0 + σ·ε, and x̂0 = x_t − σ·v̂ for θ (grad, through ``train_model``), θ_old and the reference
+    (no grad). ``tcfg.context`` picks the released noisy block-causal layout or the clean teacher-forcing one.
+    """
+    x_t = renoise(x0, sigma, noise)
+    t = sigma * 1000.0
+    layout = dict(
+        frames_per_block=sampler.frames_per_block,
+        first_block_frames=sampler.first_block_frames,
+        policy=sampler.cache,
+        clean=x0 if tcfg.context == "clean" else None,
+        t_clean=sampler.steps.context_timestep,
+    )
+    with torch.no_grad():
+        with policy.use("old") as model:
+            x0_old = x0_from_velocity(x_t, model(x_t, t, text, **layout), sigma)
+        x0_ref = None
+        if tcfg.kl_weight > 0:
+            with policy.use("ref") as model:
+                x0_ref = x0_from_velocity(x_t, model(x_t, t, text, **layout), sigma)
+    x0_theta = x0_from_velocity(x_t, train_model(x_t, t, text, **layout), sigma)
+    return nft_objective(
+        x0_theta, x0_old, x0_ref, x0, r, beta=tcfg.beta, kl_weight=tcfg.kl_weight,
+        form=tcfg.loss_form, adv_clip=tcfg.adv_clip, sample_weight=keep.float(),
+    )
+
+
+def update_phase(world: World, batch: Batch, adv: Advantages, epoch: int) -> dict[str, float]:
+    """Accumulate the NFT gradient over every micro-batch, then one clipped AdamW step (skipped if non-finite)."""
+    cfg = world.cfg
+    chunks = _chunks(batch.latents.shape[0], cfg.rollout.micro_batch)
+    sums: dict[str, float] = {}
+    world.optimizer.zero_grad(set_to_none=True)
+    for i, sl in enumerate(chunks):
+        first = int(batch.global_index[sl][0])
+        g = torch.Generator().manual_seed(dist.mix_seed(cfg.train.seed, "sigma", epoch, first))
+        sigma = _train_sigmas(world, g)
+        seeds = [dist.mix_seed(cfg.train.seed, "train-noise", epoch, int(j)) for j in batch.global_index[sl]]
+        noise = _sample_noise(batch.latents[sl], seeds)
+        with dist.no_sync(world.train_model, enabled=i < len(chunks) - 1):
+            loss, stats = micro_step(
+                world.policy, world.train_model, world.sampler, cfg.train,
+                batch.latents[sl], batch.text[sl], adv.r[sl], adv.keep[sl], sigma, noise,
+            )
+            (loss / len(chunks)).backward()
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + float(v) / len(chunks)
+    params = world.policy.trainable_parameters()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip))
+    skipped = not math.isfinite(grad_norm) and cfg.train.skip_nonfinite
+    if skipped:
+        _warn(world, f"non-finite gradient (norm {grad_norm}) at epoch {epoch}: optimiser step skipped")
+        world.optimizer.zero_grad(set_to_none=True)
+    else:
+        world.optimizer.step()
+        world.step += 1
+    metrics = {f"loss/{k}": v for k, v in sums.items() if k in ("loss", "policy_loss", "kl_selected")}
+    metrics.update({f"policy/{k}": v for k, v in sums.items() if k in ("kl", "old_deviate", "x0_norm")})
+    metrics.update({"train/grad_norm": grad_norm, "train/skipped_step": float(skipped),
+                    "train/pos_loss": sums.get("pos_loss", 0.0), "train/neg_loss": sums.get("neg_loss", 0.0)})
+    return metrics
+
+
+def sync_phase(world: World) -> None:
+    """θ_old ← η·θ_old + (1 − η)·θ with the configured decay schedule; EMA of θ for evaluation and export."""
+    world.policy.soft_update_old(old_decay(world.step, world.cfg.train.old_decay))
+    world.policy.update_ema(ema_decay(world.step - 1, world.cfg.train.ema_decay))  # n updates done before
+
+
+@torch.no_grad()
+def evaluate(world: World) -> dict[str, float]:
+    """Held-out prompts at fixed seeds with the EMA weights; rewards logged and sample videos written (rank 0)."""
+    cfg = world.cfg
+    if not world.eval_prompts or not world.ctx.is_main:
+        return {}
+    metrics: dict[str, list[float]] = {}
+    written = 0
+    with world.policy.ema_weights() as model:
+        for seed in cfg.eval.seeds:
+            text = world.encode(world.eval_prompts)
+            seeds = [seed * 100_003 + i for i in range(len(world.eval_prompts))]
+            for sl in _chunks(len(seeds), cfg.rollout.micro_batch):
+                out = rollout(model, text[sl], num_frames=world.num_frames, latent_hw=world.family.latent_hw,
+                              sampler=world.sampler, seeds=seeds[sl])
+                videos = world.decode(out.latents).float()
+                prompts = world.eval_prompts[sl]
+                got, _ = score_all({**world.rewards, **world.monitors}, videos, prompts)
+                for name, v in got.items():
+                    metrics.setdefault(name, []).extend(v.tolist())
+                for j in range(videos.shape[0]):
+                    if written < cfg.eval.videos:
+                        caption = {name: float(v[j]) for name, v in got.items()}
+                        world.logger.log_video(f"eval/{written:02d}", videos[j], world.step, caption=caption)
+                        written += 1
+    out = {}
+    for name, values in metrics.items():
+        kind = "monitor" if name in world.monitors and name not in world.rewards else "reward"
+        out[f"eval/{kind}/{name}"] = _nanmean(torch.tensor(values))
+    out["eval/reward/total"] = sum(world.weights[n] * out[f"eval/reward/{n}"] for n in world.rewards)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _nanmean(x: Tensor) -> float:
+    x = x.float()
+    finite = x[torch.isfinite(x)]
+    return float(finite.mean()) if finite.numel() else float("nan")
+
+
+def _warn(world: World, msg: str) -> None:
+    if world.ctx.is_main:
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+
+def _peak_mem_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
+
+
+def _table_rows(batch: Batch, scores: dict[str, Tensor], adv: Advantages) -> list[dict[str, Any]]:
+    rows = []
+    for i, prompt in enumerate(batch.prompts):
+        row = {"prompt": prompt, "seed": batch.seeds[i], "group": int(batch.prompt_ids[i]),
+               "advantage": float(adv.adv[i]), "r": float(adv.r[i]), "reward": float(adv.total[i])}
+        for name, v in scores.items():
+            row[f"{name}/raw"] = float(v[i])
+            row[f"{name}/norm"] = float(adv.norm[name][i])
+        rows.append(row)
+    return rows
+
+
+def save(world: World) -> None:
+    state = {
+        "policy": world.policy.state_dict(),
+        "optimizer": world.optimizer.state_dict(),
+        "trainer": {"step": world.step, "epoch": world.epoch, "sampler": world.sampler_plan.state_dict()},
+        "rng": capture_rng(),
+    }
+    save_checkpoint(
+        Path(world.cfg.run_dir), world.step, state, config=to_dict(world.cfg), keep_last=world.cfg.checkpoint.keep_last,
+        rank=world.ctx.rank, barrier=lambda: dist.barrier(world.ctx),
+    )
+    if world.ctx.is_main:  # the EMA adapter in peft format, ready for `astrolabe merge-lora`
+        world.policy.save_adapter(Path(world.cfg.run_dir) / "adapter")
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+
+def run_epoch(world: World) -> dict[str, float]:
+    """One epoch = one optimiser step: rollout, score, advantage, update, sync; then eval, log, checkpoint."""
+    cfg, ctx = world.cfg, world.ctx
+    epoch = world.epoch
+    device = world.policy.model.device
+    t0 = time.perf_counter()
+    plan = world.sampler_plan.epoch_plan(epoch)
+    batch = rollout_phase(world, plan)
+    t1 = time.perf_counter()
+    scores, monitors, videos = score_phase(world, batch)
+    t2 = time.perf_counter()
+    adv = advantage_phase(world, batch, scores)
+    metrics = update_phase(world, batch, adv, epoch)
+    if not metrics["train/skipped_step"]:  # θ did not move: nothing to follow
+        sync_phase(world)
+    t3 = time.perf_counter()
+    world.epoch = epoch + 1
+
+    metrics.update(adv.metrics)
+    for name, v in monitors.items():
+        metrics[f"monitor/{name}"] = float(dist.all_reduce_mean(ctx, torch.tensor(_nanmean(v), device=device)))
+    metrics.update({"perf/rollout_s": t1 - t0, "perf/reward_s": t2 - t1, "perf/train_s": t3 - t2,
+                    "perf/videos_per_s": len(plan) * ctx.world_size / (t3 - t0),
+                    "perf/peak_mem": _peak_mem_gb(device), "train/epoch": float(world.epoch)})
+    last = world.epoch == cfg.train.epochs
+    if world.eval_prompts and (last or (cfg.eval.every and world.epoch % cfg.eval.every == 0)):
+        metrics.update(evaluate(world))
+        dist.barrier(ctx)
+    world.logger.log(metrics, world.step)
+    if cfg.log.table:
+        rows = dist.all_gather_object(ctx, _table_rows(batch, scores, adv))
+        world.logger.log_table("rollouts", [r for part in rows for r in part], world.step)
+    if videos is not None and epoch == 0:
+        world.logger.log_video("rollout/first", videos[0], world.step)
+    if cfg.checkpoint.every and (world.epoch % cfg.checkpoint.every == 0 or last):
+        save(world)
+    return metrics
+
+
+def finish(world: World) -> None:
+    if world.cfg.log.plots:
+        world.logger.plot()
+    world.logger.close()
+
+
+def train(cfg: Config) -> dict[str, float]:
+    """Run the recipe from scratch or from ``checkpoint.resume``; returns the last epoch's metrics."""
+    world = setup(cfg)
+    if world.ctx.is_main:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run_dir) / "config.yaml").write_text(dump_yaml(cfg))
+    bar = progress(cfg.train.epochs, "epochs", is_main=world.ctx.is_main) if cfg.log.progress else None
+    if bar is not None:
+        bar.update(world.epoch)  # a resumed run starts part-way
+    metrics: dict[str, float] = {}
+    while world.epoch < cfg.train.epochs:
+        metrics = run_epoch(world)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics.get('reward/total', float('nan')):.4g}",
+                            kl=f"{metrics.get('policy/kl', 0.0):.3g}")
+    if bar is not None:
+        bar.close()
+    finish(world)
+    return metrics

@@ -1,0 +1,157 @@
+"""Video files: mp4 in and out, and reward captions burnt into frames.
+
+Frames everywhere in the project are float tensors ``[T, 3, H, W]`` in ``[0, 1]`` (T frames, RGB). This module is
+the one place that turns them into bytes, and it quantises exactly once: ``round(clamp(x, 0, 1) · 255)``. Passing
+uint8 frames, or floats already scaled to ``[0, 255]``, is refused rather than rescaled a second time (the colour
+inversion of verl-omni PR #311).
+
+Encoding is H.264 (libx264) in yuv420p, which every browser and wandb plays. yuv420p needs even sizes, so an odd
+height or width is padded by one row/column that repeats the last one; ``read_mp4`` returns the padded size.
+The stream is tagged BT.601 (the matrix swscale uses to convert RGB), so players do not guess BT.709 for large
+frames and shift the colours.
+
+PyAV and Pillow are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Floats above this (or below the negative bound) are not a [0, 1] video with a little overshoot but a video in
+# another range ([0, 255] or [-1, 1]); clamping them would silently wash the video out.
+_RANGE_SLACK = 0.5
+
+# BT.601 tags, matching the RGB <-> YUV matrix swscale applies by default on both encode and decode.
+_X264_COLOUR_TAGS = "colorprim=smpte170m:transfer=smpte170m:colormatrix=smpte170m"
+
+
+def check_frames(frames: Tensor) -> None:
+    """Raise a ValueError/TypeError saying what to change unless ``frames`` is float ``[T, 3, H, W]`` in ~[0, 1]."""
+    if not isinstance(frames, Tensor):
+        raise TypeError(f"frames must be a torch.Tensor [T, 3, H, W]; got {type(frames).__name__}")
+    if frames.dim() != 4 or frames.shape[1] != 3:
+        hint = " (one video of a batch [B, T, 3, H, W]: pass videos[i])" if frames.dim() == 5 else ""
+        raise ValueError(f"frames must be [T, 3, H, W] RGB; got shape {tuple(frames.shape)}{hint}")
+    if frames.shape[0] == 0 or frames.shape[2] == 0 or frames.shape[3] == 0:
+        raise ValueError(f"frames must be non-empty; got shape {tuple(frames.shape)}")
+    if not frames.is_floating_point():
+        raise TypeError(f"frames must be float in [0, 1]; got {frames.dtype} (for uint8 pass frames.float() / 255)")
+    if not torch.isfinite(frames).all():
+        raise ValueError("frames contain NaN or inf; check the VAE decode")
+    lo, hi = frames.min().item(), frames.max().item()
+    if hi > 1 + _RANGE_SLACK or lo < -_RANGE_SLACK:
+        raise ValueError(
+            f"frames must be in [0, 1]; got values in [{lo:.3g}, {hi:.3g}] "
+            "(divide [0, 255] frames by 255; map [-1, 1] frames with (x + 1) / 2)"
+        )
+
+
+def to_uint8(frames: Tensor) -> Tensor:
+    """The single quantisation step: float ``[T, 3, H, W]`` in [0, 1] -> uint8 ``[T, H, W, 3]`` (channels last).
+
+    Values are clamped to [0, 1] (decoders overshoot slightly) and rounded to the nearest of 256 levels.
+    """
+    check_frames(frames)
+    return (frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _pad_to_even(frames: Tensor) -> Tensor:
+    """``[T, 3, H, W]`` -> ``[T, 3, H + H % 2, W + W % 2]``, repeating the last row/column."""
+    pad_h, pad_w = frames.shape[2] % 2, frames.shape[3] % 2
+    if not (pad_h or pad_w):
+        return frames
+    return F.pad(frames, (0, pad_w, 0, pad_h), mode="replicate")
+
+
+def write_mp4(path: str | Path, frames: Tensor, fps: int = 16, crf: int = 18) -> Path:
+    """Encode ``frames`` ``[T, 3, H, W]`` float in [0, 1] as an H.264 mp4 at ``fps`` frames per second.
+
+    Args:
+        path: output file; parent folders are created.
+        frames: the video; odd H or W is padded to even (see the module docstring).
+        fps: playback rate in frames per second (16 for Wan2.1 models).
+        crf: x264 constant rate factor, 0 (lossless luma) to 51; 18 is visually lossless.
+    Returns:
+        The path written.
+    """
+    import av
+
+    if fps <= 0:
+        raise ValueError(f"fps must be a positive integer; got {fps}")
+    if not 0 <= crf <= 51:
+        raise ValueError(f"crf must be in [0, 51] (lower = better quality); got {crf}")
+    check_frames(frames)
+    pixels = to_uint8(_pad_to_even(frames.detach().cpu())).numpy()  # [T, H, W, 3]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(
+            "libx264", rate=Fraction(fps), options={"crf": str(crf), "x264-params": _X264_COLOUR_TAGS}
+        )
+        stream.height, stream.width = pixels.shape[1], pixels.shape[2]
+        stream.pix_fmt = "yuv420p"
+        for image in pixels:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode(None))  # flush the frames the encoder still holds (B-frame lookahead)
+    return path
+
+
+def read_mp4(path: str | Path) -> tuple[Tensor, float]:
+    """Decode the first video stream of ``path`` into float ``[T, 3, H, W]`` in [0, 1] and its fps."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no video file at {path}")
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        images = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    if not images:
+        raise ValueError(f"{path} holds no decodable frames")
+    pixels = torch.from_numpy(np.stack(images))  # [T, H, W, 3] uint8
+    return pixels.permute(0, 3, 1, 2).float() / 255, float(rate) if rate else float("nan")
+
+
+def caption_frames(frames: Tensor, lines: list[str]) -> Tensor:
+    """Burn ``lines`` of white text on a darkened band into the top rows of every frame.
+
+    Args:
+        frames: ``[T, 3, H, W]`` float in [0, 1].
+        lines: text lines, e.g. ``["hpsv3: 7.125", "flow: 0.310"]`` (about 14 px per line). The band never covers
+            more than the top half of the frame, so text that does not fit there, or in the width, is clipped.
+    Returns:
+        A new ``[T, 3, H, W]`` tensor; rows below the band are unchanged, and ``lines=[]`` returns a copy.
+    """
+    check_frames(frames)
+    out = frames.detach().clone()
+    if not lines:
+        return out
+    text = _render_text(lines, width=frames.shape[3], max_height=max(1, frames.shape[2] // 2))  # [h, W] in [0, 1]
+    band = out[:, :, : text.shape[0], :]
+    # darken the band so white text reads on any background, then paint the glyphs on top
+    band.mul_(0.4).copy_(torch.maximum(band, text.to(band)))
+    return out
+
+
+def _render_text(lines: list[str], width: int, max_height: int) -> Tensor:
+    """Rasterise ``lines`` with Pillow's built-in font: a ``[h, width]`` float mask, h ≤ ``max_height``."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    line_height = font.getbbox("Ag")[3] + 2  # glyph height plus 2 px of leading
+    height = min(max_height, 2 + line_height * len(lines))
+    image = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(image)
+    for i, line in enumerate(lines):
+        draw.text((2, 1 + i * line_height), line, fill=255, font=font)
+    mask = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width)
+    return mask.float() / 255

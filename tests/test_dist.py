@@ -1,0 +1,360 @@
+"""train/dist.py: single-process no-ops, the group sampler's rule, and a real 2-process gloo run on CPU.
+
+The 2-process test launches this file twice as a script (``--worker``) with the environment torchrun would set
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT on 127.0.0.1), so it exercises ``init_distributed``'s real
+detection path. The parent kills the survivors as soon as one rank fails, so a failure never hangs the suite.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from astrolabe_rl.train import dist as D
+from astrolabe_rl.train.dist import DistContext, GroupSampler, Sample
+
+CPU = torch.device("cpu")
+SINGLE = DistContext(rank=0, world_size=1, local_rank=0, device=CPU, backend=None)
+
+
+@pytest.fixture
+def no_launch_env(monkeypatch: pytest.MonkeyPatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    D.shutdown()
+    yield
+    D.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Single process
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_init_single_process_is_idempotent(no_launch_env):
+    ctx = D.init_distributed("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.device, ctx.backend) == (0, 1, 0, CPU, None)
+    assert ctx.is_main and not ctx.distributed
+    assert D.init_distributed() is ctx
+    assert not torch.distributed.is_initialized()
+    D.shutdown()
+    assert D.init_distributed("cpu") is not ctx
+
+
+def test_partial_launch_env_is_an_error(no_launch_env, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RuntimeError, match="torchrun"):
+        D.init_distributed("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cuda_without_cuda_is_an_error(no_launch_env):
+    with pytest.raises(RuntimeError, match="device='cpu'"):
+        D.init_distributed("cuda")
+
+
+def test_collectives_are_identity_in_single_process():
+    x = torch.randn(3, 2, requires_grad=True)
+    for fn in (D.all_gather_cat, D.all_reduce_sum, D.all_reduce_mean):
+        y = fn(SINGLE, x)
+        assert torch.equal(y, x) and not y.requires_grad
+        assert y.data_ptr() != x.data_ptr()  # a new tensor, as in the distributed case
+    assert D.all_reduce_mean(SINGLE, torch.tensor([3, 4])).dtype == torch.get_default_dtype()
+    obj = {"a": [1, 2]}
+    assert D.broadcast_object(SINGLE, obj) is obj
+    assert D.all_gather_object(SINGLE, obj) == [obj]
+    D.barrier(SINGLE)
+    with pytest.raises(ValueError, match="leading dim"):
+        D.all_gather_cat(SINGLE, torch.tensor(1.0))
+    with pytest.raises(ValueError, match="src=1"):
+        D.broadcast_object(SINGLE, obj, src=1)
+
+
+def test_collective_without_process_group_says_what_to_do():
+    ghost = DistContext(rank=0, world_size=2, local_rank=0, device=CPU, backend="gloo")
+    with pytest.raises(RuntimeError, match="init_distributed"):
+        D.all_reduce_sum(ghost, torch.ones(1))
+
+
+class Blocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return self.head(x)
+
+
+def test_wrap_model_single_process_and_errors():
+    model = Blocks()
+    for strategy in ("none", "ddp", "fsdp2"):
+        assert D.wrap_model(model, SINGLE, strategy) is model
+    with pytest.raises(ValueError, match="choose one of"):
+        D.wrap_model(model, SINGLE, "fsdp")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="block_attr"):
+        D.wrap_model(model, SINGLE, "fsdp2", block_attr="layers")
+    with pytest.raises(ValueError, match="block_attr"):
+        D.wrap_model(model, SINGLE, "fsdp2", block_attr="head")
+
+
+def test_unwrap_and_no_sync_on_plain_model():
+    model = nn.Linear(2, 1)
+    assert D.unwrap(model) is model
+    compiled = nn.Module()
+    compiled._orig_mod = model  # what torch.compile's OptimizedModule holds
+    assert D.unwrap(compiled) is model
+    x = torch.ones(1, 2)
+    with D.no_sync(model, enabled=True):
+        model(x).sum().backward()
+    model(x).sum().backward()
+    assert torch.equal(model.weight.grad, 2 * x)  # plain accumulation
+
+
+def test_on_main_runs_only_on_rank_zero():
+    calls = []
+
+    def write(v: int) -> int:
+        calls.append(v)
+        return v + 1
+
+    assert D.on_main(SINGLE)(write)(1) == 2
+    other = DistContext(rank=1, world_size=2, local_rank=1, device=CPU, backend="gloo")
+    assert D.on_main(other)(write)(5) is None
+    assert calls == [1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GroupSampler
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_sampler_is_deterministic_and_seeded():
+    a, b = GroupSampler(20, 4, 3, 1, 0, seed=5), GroupSampler(20, 4, 3, 1, 0, seed=5)
+    c = GroupSampler(20, 4, 3, 1, 0, seed=6)
+    assert a.epoch_plan(3) == b.epoch_plan(3)
+    assert a.epoch_plan(0) != a.epoch_plan(1)
+    assert [s.seed_for_noise for s in a.epoch_plan(0)] != [s.seed_for_noise for s in c.epoch_plan(0)]
+
+
+def test_sampler_group_structure():
+    n, p, k = 20, 5, 4
+    plan = GroupSampler(n, p, k, 1, 0, seed=0).epoch_plan(2)
+    assert len(plan) == p * k and all(isinstance(s, Sample) for s in plan)
+    assert [s.global_index for s in plan] == list(range(p * k))
+    assert [s.candidate for s in plan] == list(range(k)) * p
+    groups = [plan[i * k: (i + 1) * k] for i in range(p)]
+    assert all(len({s.prompt_id for s in g}) == 1 for g in groups)  # candidates of a group are adjacent
+    assert len({g[0].prompt_id for g in groups}) == p  # P distinct prompts: prompt id = group id
+    assert all(0 <= s.prompt_id < n for s in plan)
+    assert len({s.seed_for_noise for s in plan}) == p * k
+
+
+def test_sampler_walks_passes_without_replacement_then_reshuffles():
+    n, p = 10, 4  # two epochs per pass; prompts at pass positions 8, 9 are skipped
+    s = GroupSampler(n, p, 2, 1, 0, seed=3)
+    e0, e1, e2, e3 = (s.epoch_prompts(e) for e in range(4))
+    assert len(set(e0 + e1)) == 2 * p  # no replacement within a pass
+    assert len(set(e2 + e3)) == 2 * p
+    assert e0 + e1 != e2 + e3  # a new shuffle
+    seen = set().union(*(s.epoch_prompts(e) for e in range(40)))
+    assert seen == set(range(n))
+    full = GroupSampler(n, n, 1, 1, 0, seed=3)  # P = N: every epoch is a full, freshly shuffled pass
+    assert sorted(full.epoch_prompts(0)) == list(range(n)) and full.epoch_prompts(0) != full.epoch_prompts(1)
+
+
+def test_sampler_follows_its_documented_rule():
+    n, p, k, seed, epoch = 11, 3, 2, 9, 7
+    s = GroupSampler(n, p, k, 1, 0, seed=seed)
+    pass_index, pos = divmod(epoch, n // p)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(D.mix_seed(seed, "order", pass_index)))
+    assert s.epoch_prompts(epoch) == order[pos * p: pos * p + p].tolist()
+    assert [x.seed_for_noise for x in s.epoch_plan(epoch)] == [D.mix_seed(seed, "noise", epoch, g) for g in range(p * k)]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 6])
+def test_global_batch_does_not_depend_on_world_size(world):
+    n, p, k, seed = 30, 6, 4, 11
+    one = GroupSampler(n, p, k, 1, 0, seed)
+    for epoch in (0, 1, 9):
+        chunks = [GroupSampler(n, p, k, world, r, seed).epoch_plan(epoch) for r in range(world)]
+        assert all(len(c) == p * k // world for c in chunks)
+        assert [x for c in chunks for x in c] == one.epoch_plan(epoch)  # same samples, same seeds, same order
+
+
+def test_sampler_errors_say_what_to_change():
+    with pytest.raises(ValueError, match=r"multiple of 4 \(e.g. 4\)"):
+        GroupSampler(30, 3, 2, 8, 0, seed=0)  # 6 samples over 8 ranks
+    with pytest.raises(ValueError, match="lower prompts_per_epoch"):
+        GroupSampler(3, 4, 2, 1, 0, seed=0)
+    with pytest.raises(ValueError, match="rank=2"):
+        GroupSampler(10, 2, 2, 2, 2, seed=0)
+    with pytest.raises(ValueError, match="epoch"):
+        GroupSampler(10, 2, 2, 1, 0, seed=0).epoch_plan(-1)
+
+
+def test_sampler_state_round_trip_and_resume_on_other_world_size():
+    a = GroupSampler(12, 4, 2, 2, 1, seed=4)
+    a.set_epoch(5)
+    b = GroupSampler(12, 4, 2, 4, 3, seed=4)  # resumed on 4 ranks
+    b.load_state_dict(a.state_dict())
+    assert b.epoch == 5 and b.state_dict() == a.state_dict()
+    with pytest.raises(ValueError, match="seed=4 but this run has seed=5"):
+        GroupSampler(12, 4, 2, 2, 1, seed=5).load_state_dict(a.state_dict())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two real processes (gloo, CPU)
+# ----------------------------------------------------------------------------------------------------------------
+
+WORLD = 2
+
+
+def _full_batch_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    ref = copy.deepcopy(model)
+    nn.functional.mse_loss(ref(x), y).backward()
+    return [p.grad.clone() for p in ref.parameters()]
+
+
+def _check_collectives(ctx: DistContext) -> dict:
+    r = ctx.rank
+    rows = [3, 1][r]
+    x = torch.arange(rows * 2, dtype=torch.float32).reshape(rows, 2) + 100 * r
+    gathered = D.all_gather_cat(ctx, x)
+    assert torch.equal(gathered, torch.cat([torch.arange(6.0).reshape(3, 2), torch.tensor([[100.0, 101.0]])]))
+    empty = D.all_gather_cat(ctx, torch.ones(2 - 2 * r, 3, dtype=torch.bool))  # rank 1 contributes 0 rows
+    assert empty.shape == (2, 3) and empty.dtype == torch.bool and bool(empty.all())
+    mean = D.all_reduce_mean(ctx, torch.tensor([r + 1.0, 10.0 * (r + 1)]))
+    assert torch.allclose(mean, torch.tensor([1.5, 15.0]))
+    assert torch.equal(D.all_reduce_sum(ctx, torch.tensor([r + 1])), torch.tensor([3]))
+    assert D.broadcast_object(ctx, {"from": r}, src=0) == {"from": 0}
+    assert D.broadcast_object(ctx, {"from": r}, src=1) == {"from": 1}
+    assert D.all_gather_object(ctx, ("rank", r)) == [("rank", 0), ("rank", 1)]
+    if r == 1:
+        time.sleep(0.5)
+    start = time.perf_counter()
+    D.barrier(ctx)
+    waited = time.perf_counter() - start
+    if r == 0:
+        assert waited > 0.3, f"barrier returned after {waited:.3f}s although rank 1 was still asleep"
+    assert D.on_main(ctx)(lambda: "written")() == ("written" if r == 0 else None)
+    return {"gathered": gathered.tolist(), "mean": mean.tolist(), "barrier_wait": waited}
+
+
+def _check_ddp(ctx: DistContext) -> dict:
+    torch.manual_seed(0)  # same model and data on both ranks
+    model, x, y = nn.Linear(4, 3), torch.randn(8, 4), torch.randn(8, 3)
+    expected = _full_batch_grads(model, x, y)
+    ddp = D.wrap_model(model, ctx, "ddp")
+    assert isinstance(ddp, nn.parallel.DistributedDataParallel) and D.unwrap(ddp) is model
+    lo, hi = 4 * ctx.rank, 4 * ctx.rank + 4
+    nn.functional.mse_loss(ddp(x[lo:hi]), y[lo:hi]).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    for g, e in zip(grads, expected):
+        assert torch.allclose(g, e, atol=1e-6), "DDP gradient != full-batch gradient"
+    other = D.all_gather_object(ctx, grads)
+    assert all(torch.equal(a, b) for a, b in zip(other[0], other[1])), "ranks disagree on the gradient"
+
+    # Gradient accumulation: two micro-batches per rank, the first inside no_sync.
+    model.zero_grad(set_to_none=True)
+    with D.no_sync(ddp, enabled=True):
+        nn.functional.mse_loss(ddp(x[lo:lo + 2]), y[lo:lo + 2]).div(2).backward()
+    local = D.all_gather_object(ctx, model.weight.grad.clone())
+    assert not torch.equal(local[0], local[1]), "no_sync still all-reduced the gradient"
+    nn.functional.mse_loss(ddp(x[lo + 2:hi]), y[lo + 2:hi]).div(2).backward()
+    for p, e in zip(model.parameters(), expected):
+        assert torch.allclose(p.grad, e, atol=1e-6), "accumulated gradient != full-batch gradient"
+    return {"weight_grad": model.weight.grad.tolist()}
+
+
+def _check_fsdp2(ctx: DistContext) -> None:
+    torch.manual_seed(1)
+    model, x, y = Blocks(), torch.randn(8, 4), torch.randn(8, 3)
+    expected = _full_batch_grads(model, x, y)
+    sharded = D.wrap_model(model, ctx, "fsdp2")
+    lo = 4 * ctx.rank
+    nn.functional.mse_loss(sharded(x[lo:lo + 4]), y[lo:lo + 4]).backward()
+    for p, e in zip(sharded.parameters(), expected):
+        assert p.grad.to_local().shape[0] < e.shape[0] or e.shape[0] == 1  # really sharded
+        assert torch.allclose(p.grad.full_tensor(), e, atol=1e-6), "FSDP2 gradient != full-batch gradient"
+
+
+def _check_sampler(ctx: DistContext) -> None:
+    mine = GroupSampler(10, 4, 3, ctx.world_size, ctx.rank, seed=7).epoch_plan(2)
+    everyone = D.all_gather_object(ctx, mine)
+    assert [s for plan in everyone for s in plan] == GroupSampler(10, 4, 3, 1, 0, seed=7).epoch_plan(2)
+
+
+def _worker(out_dir: Path) -> None:
+    ctx = D.init_distributed("cpu", timeout=datetime.timedelta(seconds=60))
+    assert D.init_distributed() is ctx
+    assert (ctx.world_size, ctx.backend, ctx.rank == int(os.environ["RANK"])) == (WORLD, "gloo", True)
+    result = {"rank": ctx.rank, **_check_collectives(ctx), **_check_ddp(ctx)}
+    _check_fsdp2(ctx)
+    _check_sampler(ctx)
+    D.barrier(ctx)
+    D.shutdown()
+    assert not torch.distributed.is_initialized()
+    (out_dir / f"rank{ctx.rank}.json").write_text(json.dumps(result))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(out_dir: Path, timeout_s: float = 90.0) -> list[tuple[int, str]]:
+    """Run the worker on WORLD ranks; kill every rank once one fails or the deadline passes."""
+    port = _free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_WORLD_SIZE": str(WORLD),
+               "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        if sys.platform.startswith("linux") and Path("/sys/class/net/lo").exists():
+            env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only; no dependence on the host's network
+        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(out_dir)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    deadline = time.monotonic() + timeout_s
+    while any(p.poll() is None for p in procs):
+        failed = any(p.poll() not in (None, 0) for p in procs)
+        if failed or time.monotonic() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            break
+        time.sleep(0.1)
+    return [(p.wait(), p.stdout.read()) for p in procs]
+
+
+def test_two_process_gloo(tmp_path):
+    for attempt in range(3):  # the free port may be taken between probing it and binding it
+        results = _launch(tmp_path)
+        if not any("address already in use" in log.lower() for _, log in results):
+            break
+    for rank, (code, log) in enumerate(results):
+        assert code == 0, f"rank {rank} exited with {code}:\n{log[-4000:]}"
+    outs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert [o["rank"] for o in outs] == [0, 1]
+    assert outs[0]["gathered"] == outs[1]["gathered"] == [[0, 1], [2, 3], [4, 5], [100, 101]]
+    assert outs[0]["mean"] == outs[1]["mean"] == [1.5, 15.0]
+    assert outs[0]["weight_grad"] == outs[1]["weight_grad"]
+    assert outs[0]["barrier_wait"] > 0.3
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    _worker(Path(sys.argv[2]))

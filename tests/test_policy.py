@@ -1,0 +1,110 @@
+import pytest
+import torch
+
+from astrolabe_rl.models import CausalWan, WanConfig
+from astrolabe_rl.policy import Policy, merge_lora
+
+X = torch.randn(1, 3, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+TEXT = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(1))
+
+
+def _policy(rank=4, alpha=8.0):
+    torch.manual_seed(0)
+    return Policy(CausalWan(WanConfig.tiny()), rank=rank, alpha=alpha)
+
+
+def _out(model):
+    with torch.no_grad():
+        return model(X, 500.0, TEXT, frames_per_block=3)
+
+
+def _perturb(params, scale=0.1, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def test_lora_on_every_block_linear_and_only_default_trains():
+    pol = _policy()
+    names = {n for n, p in pol.model.named_parameters() if p.requires_grad}
+    assert len(names) == 2 * 10 * 2  # A and B × 10 linears × 2 blocks
+    assert all(".default." in n and ".lora_" in n for n in names)
+    assert not any("norm_q.lora" in n or "norm_k.lora" in n for n, _ in pol.model.named_parameters())
+
+
+def test_adapters_start_at_the_base_and_switch_cleanly():
+    pol = _policy()
+    torch.manual_seed(0)
+    base = _out(CausalWan(WanConfig.tiny()))
+    torch.testing.assert_close(_out(pol.model), base, atol=0, rtol=0)  # B = 0: LoRA starts as identity
+    _perturb(pol.adapter_params("default"))
+    with pol.use("old") as m:
+        old = _out(m)
+    with pol.use("ref") as m:
+        ref = _out(m)
+    torch.testing.assert_close(old, base, atol=0, rtol=0)
+    torch.testing.assert_close(ref, base, atol=0, rtol=0)
+    assert (_out(pol.model) - base).abs().max() > 1e-3
+    trainable = {n for n, p in pol.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in n for n in trainable)  # switching back restored requires_grad
+
+
+def test_soft_update_moves_old_by_the_scheduled_amount():
+    pol = _policy()
+    _perturb(pol.adapter_params("default"))
+    before = {k: v.clone() for k, v in pol.adapter_params("old").items()}
+    theta = {k: v.clone() for k, v in pol.adapter_params("default").items()}
+    pol.soft_update_old(0.3)
+    for k, p in pol.adapter_params("old").items():
+        torch.testing.assert_close(p, 0.3 * before[k] + 0.7 * theta[k])
+
+
+def test_ema_swap_restores_the_trained_weights():
+    pol = _policy()
+    _perturb(pol.adapter_params("default"))
+    trained = _out(pol.model)
+    with pol.ema_weights() as m:
+        ema_out = _out(m)
+    torch.testing.assert_close(_out(pol.model), trained, atol=0, rtol=0)
+    assert (ema_out - trained).abs().max() > 1e-3  # the EMA is still the initial adapter
+
+
+def test_state_dict_round_trip_and_mismatch_error():
+    pol = _policy()
+    _perturb(pol.adapter_params("default"))
+    state = pol.state_dict()
+    other = _policy()
+    other.load_state_dict(state)
+    torch.testing.assert_close(_out(other.model), _out(pol.model), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="check lora.rank"):
+        _policy(rank=8).load_state_dict(state)
+
+
+def test_saved_adapter_loads_in_peft_and_merges_exactly(tmp_path):
+    peft = pytest.importorskip("peft")
+    pol = _policy()
+    _perturb(pol.adapter_params("default"))
+    expected = _out(pol.model)
+    pol.save_adapter(tmp_path / "adapter", weights="default")
+    torch.manual_seed(0)
+    base = CausalWan(WanConfig.tiny())
+    peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
+    torch.testing.assert_close(_out(base), expected, atol=1e-6, rtol=0)
+    torch.manual_seed(0)
+    merged = merge_lora(CausalWan(WanConfig.tiny()), tmp_path / "adapter")
+    assert isinstance(merged, CausalWan) and not any(".lora_" in k for k in merged.state_dict())
+    torch.testing.assert_close(_out(merged), expected, atol=1e-5, rtol=0)
+
+
+def test_warm_start_from_a_lora_file(tmp_path):
+    pol = _policy()
+    _perturb(pol.adapter_params("default"))
+    pol.save_adapter(tmp_path / "a", weights="default")
+    fresh = _policy()
+    fresh.load_adapter(tmp_path / "a")
+    torch.testing.assert_close(_out(fresh.model), _out(pol.model), atol=0, rtol=0)
+    with fresh.use("old") as m:
+        torch.testing.assert_close(_out(m), _out(pol.model), atol=0, rtol=0)
+    with pytest.raises(FileNotFoundError):
+        fresh.load_adapter(tmp_path / "missing")
