@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,13 +299,6 @@ def validate(cfg: Config) -> None:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def config_hash(cfg: Config | dict, keys: tuple[str, ...] = CRITICAL_KEYS) -> str:
-    """Stable hash of the values that change what the run computes."""
-    d = cfg if isinstance(cfg, dict) else to_dict(cfg)
-    picked = {k: get_value(d, k) for k in keys}
-    return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _yaml_scalar(value: Any) -> str:

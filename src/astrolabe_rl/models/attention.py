@@ -16,6 +16,7 @@ its own start plus the noisy frames of its own block; clean frames follow the bl
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -132,7 +133,7 @@ class AttentionMask:
     _dense: dict = field(default_factory=dict, repr=False)
     _flex: dict = field(default_factory=dict, repr=False)
 
-    @property
+    @functools.cached_property
     def all_visible(self) -> bool:
         return bool(self.frames.all())
 
@@ -156,8 +157,20 @@ class AttentionMask:
                 return frames[q_idx // t, kv_idx // t]
 
             lq, lk = frames.shape[0] * t, frames.shape[1] * t
-            self._flex[device] = create_block_mask(mask_mod, None, None, lq, lk, device=str(device))
+            # compiled construction never materialises the [Lq, Lk] mask (65k² booleans at full size)
+            self._flex[device] = create_block_mask(
+                mask_mod, None, None, lq, lk, device=str(device), _compile=device.type == "cuda"
+            )
         return self._flex[device]
+
+
+@functools.lru_cache(maxsize=32)
+def cached_mask(
+    queries: FrameLayout, keys: FrameLayout, window_frames: int | None, sink_frames: int, tokens_per_frame: int
+) -> AttentionMask:
+    """`AttentionMask` memoised by layout: training repeats one layout every micro-batch, so the dense or flex
+    form is built once per run instead of once per call."""
+    return AttentionMask(frame_mask(queries, keys, window_frames, sink_frames), tokens_per_frame)
 
 
 _compiled_flex = None

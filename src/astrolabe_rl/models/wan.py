@@ -32,7 +32,7 @@ from astrolabe_rl.models.attention import (
     FrameLayout,
     attention,
     block_bounds,
-    frame_mask,
+    cached_mask,
 )
 from astrolabe_rl.models.kv_cache import CachePolicy, KVCache
 
@@ -517,7 +517,7 @@ class CausalWan(nn.Module):
             t = torch.cat([self._timesteps(t_clean, b, f, x.device), t], dim=1)
             frames = frames + frames
         tpf = self.config.tokens_per_frame(*x.shape[-2:])
-        mask = AttentionMask(frame_mask(layout, layout, policy.window_frames, policy.sink_frames), tpf)
+        mask = cached_mask(layout, layout, policy.window_frames, policy.sink_frames, tpf)
         v, _ = self._run(x, t, frames, self._text(text), mask=mask)
         return v[:, -f:] if clean is not None else v
 
@@ -581,7 +581,7 @@ class CausalWan(nn.Module):
             q = replace(q, sink=tuple(i < room for i in range(f)))
             keys = ctx_layout + q
             tpf = self.config.tokens_per_frame(*x0.shape[-2:])
-            mask = AttentionMask(frame_mask(q, keys, window, cache.sink_frames), tpf)
+            mask = cached_mask(q, keys, window, cache.sink_frames, tpf)
             context = lambda layer: cache.context(layer, n_first)  # noqa: E731
         else:
             context = lambda layer: cache.context(layer, f)  # noqa: E731
