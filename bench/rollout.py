@@ -1,35 +1,44 @@
-"""Benchmark: wall-clock of the streaming few-step sampler (`astrolabe_rl.rollout.rollout`) on the full DiT.
+"""Benchmark: wall-clock of the streaming few-step sampler (`astrolabe_rl.rollout.rollout`) plus the VAE decode.
 
 What it measures
     The DiT time of one complete video: the 4-step Self-Forcing sampler over 7 blocks of 3 latent frames with the
-    global KV cache (denoise + commit passes), text cross-attention K/V included, VAE decode and the text encoder
-    excluded. The model is the full Wan2.1-T2V-1.3B architecture (``get_family("self_forcing")``: 30 layers,
-    width 1536) with RANDOM weights (speed does not depend on them), bf16 on CUDA, latent 60×104 (480×832 pixels),
-    21 latent frames = 81 pixel frames, random text embeddings ``[P, 512, 4096]``. Each batch size is warmed up,
-    then timed ``--repeats`` times (``torch.cuda.synchronize`` around each run); the median is reported.
+    global KV cache (denoise + commit passes), text cross-attention K/V included, the text encoder excluded. The model
+    is the full Wan2.1-T2V-1.3B architecture (``get_family("self_forcing")``: 30 layers, width 1536) with RANDOM
+    weights (speed does not depend on them), bf16 on CUDA, latent 60×104 (480×832 pixels), 21 latent frames = 81
+    pixel frames, random text embeddings ``[P, 512, 4096]``. Each batch size is warmed up, then timed ``--repeats``
+    times (``torch.cuda.synchronize`` around each run); the median is reported.
 
-    ``dit_frames_per_s`` = batch · pixel_frames / median seconds (pixel frames = 4·(latent_frames - 1) + 1).
+    Then the VAE decode of that batch's latents: the full-size ``AutoencoderKLWan`` (default config = the Wan2.1 VAE,
+    random weights, same dtype) through `WanVAE` (``--decode fast``: our batched, chunked streaming decoder, optionally
+    channels-last and compiled) or diffusers' own ``AutoencoderKLWan.decode`` (``--decode reference``), timed the
+    same way. ``--compare-reference`` also times the reference and reports the speed-up and the largest difference.
+
+    ``dit_frames_per_s`` = batch · pixel_frames / median DiT seconds (pixel frames = 4·(latent_frames - 1) + 1).
+    ``frames_per_s`` = batch · pixel_frames / (median DiT s + median decode s): end to end, decode included.
     ``peak_mem_gb`` = ``torch.cuda.max_memory_allocated`` (reset per batch size; on CPU the process's peak RSS).
     ``cache_kv_gb`` = size of the self-attention KV cache (+ text K/V) the sampler preallocates for that batch.
     ``text_kv_s_median`` = time of ``model.encode_text`` alone (the projected text and every layer's cross-attn K/V),
     which is part of ``dit_s_median``.
 
 The bar
-    H200, batch 8: >= 50 DiT frames/s (the public Self-Forcing pipeline reaches 32.4).
+    H200, batch 8: >= 50 DiT frames/s (the public Self-Forcing pipeline reaches 32.4) and >= 40 frames/s end to end,
+    decode included (public pipeline: 19.5; its decode alone takes 1.65 s per 81-frame video: ours must be >= 3×
+    faster).
 
 Output
     Exactly one JSON line on stdout, e.g.::
 
         {"bench": "rollout", "device": "NVIDIA H200", "dtype": "bfloat16", "model": "wan_1_3b", "latent_frames": 21,
-         "pixel_frames": 81, "results": [{"batch": 1, "dit_s_median": ..., "dit_frames_per_s": ...,
-         "peak_mem_gb": ..., "cache_kv_gb": ...}, ...], "torch": "2.x"}
+         "pixel_frames": 81, "decode": "fast", "results": [{"batch": 1, "dit_s_median": ..., "dit_frames_per_s": ...,
+         "decode_s_median": ..., "frames_per_s": ..., "peak_mem_gb": ..., "cache_kv_gb": ...}, ...], "torch": "2.x"}
 
 Usage
-    python bench/rollout.py                      # full 1.3B on CUDA, bf16, batches 1 and 8
-    python bench/rollout.py --batches 8 --repeats 5 --compile
-    python bench/rollout.py --tiny               # 2-layer model on CPU in float32 (what CI runs; seconds)
+    python bench/rollout.py                      # full 1.3B + full VAE on CUDA, bf16, batches 1 and 8
+    python bench/rollout.py --batches 8 --repeats 5 --compile --decode-compile --compare-reference
+    python bench/rollout.py --tiny               # 2-layer model + tiny VAE on CPU in float32 (CI; seconds)
+    python bench/rollout.py --decode none        # DiT only: needs nothing but torch
 
-Only torch and `astrolabe_rl.models` / `astrolabe_rl.rollout` are imported (no diffusers / transformers).
+torch and `astrolabe_rl.models` / `astrolabe_rl.rollout` are imported at start; diffusers only when decoding.
 """
 
 from __future__ import annotations
@@ -105,6 +114,38 @@ def _compile_blocks(model: CausalWan) -> str:
     return "blocks"
 
 
+def _build_vae(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """(fast, reference) `WanVAE`s sharing one random ``AutoencoderKLWan`` (full size, or tiny with --tiny)."""
+    if args.decode == "none":
+        return None, None
+    from astrolabe_rl.models.vae import WanVAE, random_vae, tiny_vae_config
+
+    if device.type == "cuda":  # the decoder repeats a handful of conv shapes: let cuDNN pick the fastest once
+        torch.backends.cudnn.benchmark = True
+    model = random_vae(tiny_vae_config() if args.tiny else None, seed=args.seed, device=device, dtype=dtype)
+    channels_last = device.type == "cuda" if args.decode_channels_last is None else args.decode_channels_last
+    fast = WanVAE(model, chunk_frames=args.decode_chunk, channels_last=channels_last)
+    if args.decode_compile and device.type == "cuda":
+        fast.compile_decoder()
+    return fast, WanVAE(model)
+
+
+def _decode_stats(args, fast, reference, latents: torch.Tensor, device: torch.device) -> dict:
+    """Median decode seconds of the chosen path (and of diffusers' decode with --compare-reference)."""
+    decode = fast.decode if args.decode == "fast" else reference.decode_reference
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = _timed(lambda: decode(latents), device, args.warmup, args.repeats)
+    out = {"decode_s_median": statistics.median(times), "decode_s_all": times,
+           "decode_peak_mem_gb": _peak_mem_gb(device)}
+    if args.compare_reference:
+        ref_times = _timed(lambda: reference.decode_reference(latents), device, args.warmup, args.repeats)
+        out["decode_reference_s_median"] = statistics.median(ref_times)
+        out["decode_speedup"] = out["decode_reference_s_median"] / out["decode_s_median"]
+        out["decode_max_abs_diff"] = (decode(latents) - reference.decode_reference(latents)).abs().max().item()
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="2-layer random model on CPU in float32 (CI smoke run)")
@@ -118,6 +159,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size first")
     p.add_argument("--compile", action="store_true", help="torch.compile each DiT block (CUDA only; else skipped)")
     p.add_argument("--attn-backend", default="auto", choices=["auto", "sdpa", "flex"])
+    p.add_argument("--decode", default="fast", choices=["fast", "reference", "none"],
+                   help="VAE decode after the rollout: our WanVAE streaming decoder, diffusers' decode, or skip")
+    p.add_argument("--decode-chunk", type=int, default=3, help="latent frames per decoder call (fast decode)")
+    p.add_argument("--decode-channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last VAE weights/activations (default: on for CUDA)")
+    p.add_argument("--decode-compile", action="store_true", help="torch.compile the decoder's blocks (CUDA only)")
+    p.add_argument("--compare-reference", action="store_true",
+                   help="also time diffusers' decode and report the speed-up and max |fast - reference|")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.repeats < 1:
@@ -146,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = model.to(dtype).eval().requires_grad_(False)
     model.attn_backend = args.attn_backend
     compiled = _compile_blocks(model) if args.compile else "off"
+    fast_vae, reference_vae = _build_vae(args, device, dtype)
 
     tpf = cfg.tokens_per_frame(hh, ww)
     elem = torch.finfo(dtype).bits // 8
@@ -162,9 +212,9 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
 
-        def run() -> None:
-            rollout(model, text, num_frames=frames, latent_hw=(hh, ww), sampler=sampler, seeds=args.seed,
-                    candidates=args.candidates)
+        def run() -> torch.Tensor:
+            return rollout(model, text, num_frames=frames, latent_hw=(hh, ww), sampler=sampler, seeds=args.seed,
+                           candidates=args.candidates).latents
 
         def encode() -> None:
             with torch.no_grad():
@@ -177,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         cache_frames = sampler.cache.window_frames or frames
         cache_bytes = 2 * cfg.num_layers * batch * cache_frames * tpf * cfg.dim * elem
         text_kv_bytes = 2 * cfg.num_layers * batch * cfg.text_len * cfg.dim * elem
-        results.append({
+        row = {
             "batch": batch,
             "dit_s_median": median,
             "dit_s_all": times,
@@ -186,7 +236,12 @@ def main(argv: list[str] | None = None) -> dict:
             "peak_mem_gb": peak,
             "cache_kv_gb": (cache_bytes + text_kv_bytes) / 1e9,
             "text_kv_s_median": statistics.median(text_times),
-        })
+        }
+        if fast_vae is not None:
+            row.update(_decode_stats(args, fast_vae, reference_vae, run(), device))
+            row["frames_per_s"] = batch * pixel_frames / (median + row["decode_s_median"])
+            row["decode_share"] = row["decode_s_median"] / (median + row["decode_s_median"])
+        results.append(row)
 
     out = {
         "bench": "rollout",
@@ -201,6 +256,10 @@ def main(argv: list[str] | None = None) -> dict:
         "frames_per_block": sampler.frames_per_block,
         "compile": compiled,
         "attn_backend": args.attn_backend,
+        "decode": args.decode,
+        "decode_chunk": args.decode_chunk,
+        "decode_channels_last": bool(fast_vae and fast_vae.channels_last),
+        "decode_compile": bool(args.decode_compile and device.type == "cuda"),
         "warmup": args.warmup,
         "repeats": args.repeats,
         "results": results,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from astrolabe_rl.cli import latent_frames_for
+from astrolabe_rl.generate import latent_frames_for
 
 
 def _generate(tmp_path, name, *extra):
