@@ -187,7 +187,7 @@ def test_a_failing_reward_marks_its_samples(tmp_path, policy):
     world.logger.close()
 
 
-def _run_cli(args, env=None, timeout=300):
+def _run_cli(args, env=None, timeout=600):
     proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -196,7 +196,7 @@ def _run_cli(args, env=None, timeout=300):
 
 def test_smoke_config_runs_from_the_command_line(tmp_path):
     exe = [shutil.which("astrolabe")] if shutil.which("astrolabe") else [sys.executable, "-m", "astrolabe_rl.cli"]
-    _run_cli([*exe, "train", "--config", "configs/smoke.yaml", f"run_dir={tmp_path}"], timeout=120)
+    _run_cli([*exe, "train", "--config", "configs/smoke.yaml", f"run_dir={tmp_path}"], timeout=600)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all("reward/total" in r and "loss/loss" in r for r in rows)
     assert list(tmp_path.glob("samples/**/*.mp4"))

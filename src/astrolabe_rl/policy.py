@@ -189,27 +189,23 @@ class Policy:
             self.ema = {k: v.detach().clone() for k, v in self.adapter_params("default").items()}
 
 
-def read_lora_file(path: str | Path) -> dict[str, Tensor]:
-    """LoRA tensors from a peft folder, a ``.safetensors`` or a ``.pt`` (optionally under ``generator_lora``),
-    keyed by adapter-free module names."""
-    from safetensors.torch import load_file
-
+def _adapter_file(path: str | Path) -> Path:
     p = Path(path)
-    if p.is_dir():
-        p = p / "adapter_model.safetensors"
+    p = p / "adapter_model.safetensors" if p.is_dir() else p
     if not p.is_file():
         raise FileNotFoundError(f"LoRA file {p} does not exist")
-    if p.suffix == ".safetensors":
-        raw = load_file(p)
-    else:
-        raw = torch.load(p, map_location="cpu", weights_only=True)
-        raw = raw.get("generator_lora", raw)
+    return p
+
+
+def read_lora_file(path: str | Path) -> dict[str, Tensor]:
+    """LoRA tensors from a peft folder, a ``.safetensors`` or LongLive's ``lora.pt``, keyed by adapter-free module
+    names (``blocks.0.self_attn.q.lora_A.weight``); diffusers names are mapped back to the original ones."""
+    from astrolabe_rl.models.loading import lora_pairs, read_lora
+
+    p = _adapter_file(path)
     out = {}
-    for k, v in raw.items():
-        for prefix in ("base_model.model.", "model."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        out[_generic(k, "default")] = v
+    for module, (a, b) in lora_pairs(read_lora(p), source=str(p)).items():
+        out[f"{module}.lora_A.weight"], out[f"{module}.lora_B.weight"] = a, b
     return out
 
 
@@ -229,21 +225,15 @@ def _load_into(dst: dict[str, Tensor], src: dict[str, Tensor], what: str) -> Non
 
 
 def merge_lora(model: CausalWan, adapter_path: str | Path) -> CausalWan:
-    """Fold a saved adapter into the base weights (``W + (α/r)·B·A``) and return the plain CausalWan.
+    """Fold a saved adapter into the base weights (``W + (α/r)·B·A``) in place and return the plain CausalWan.
 
-    Rank and targets come from the tensors; α from ``adapter_config.json`` when present (else α = r).
+    α comes from the adapter's ``adapter_config.json`` when present (else α = r, as LongLive's ``lora.pt``).
     """
-    p = Path(adapter_path)
-    tensors = read_lora_file(p)
-    cfg_file = (p if p.is_dir() else p.parent) / "adapter_config.json"
-    rank = next(v.shape[0] for k, v in tensors.items() if ".lora_A." in k)
-    alpha = json.loads(cfg_file.read_text())["lora_alpha"] if cfg_file.is_file() else float(rank)
-    # blocks.N.<target>.lora_A.weight -> <target>
-    targets = sorted({".".join(k.split(".lora_")[0].split(".")[2:]) for k in tensors})
-    policy = Policy(model, rank=rank, alpha=alpha, targets=targets)
-    _load_into(policy.adapter_params("default"), tensors, str(p))
-    policy.peft.delete_adapter("old")
-    merged = policy.peft.merge_and_unload()
-    for prm in merged.parameters():
-        prm.requires_grad_(False)
-    return merged
+    from astrolabe_rl.models.loading import merge_lora as fold
+    from astrolabe_rl.models.loading import read_lora
+
+    p = _adapter_file(adapter_path)
+    cfg_file = p.parent / "adapter_config.json"
+    alpha = json.loads(cfg_file.read_text())["lora_alpha"] if cfg_file.is_file() else None
+    model.load_state_dict(fold(model.state_dict(), read_lora(p), alpha=alpha, source=str(p)), strict=True)
+    return model
