@@ -1,4 +1,4 @@
-"""The ``astrolabe`` command line: ``astrolabe generate`` (more subcommands join as they land)."""
+"""The ``astrolabe`` command line: demo, generate, train, print-config, merge-lora, evaluate, serve-reward."""
 
 from __future__ import annotations
 
@@ -72,9 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
     # each command's parser lives next to its code; the heavy imports happen only when it runs
+    from astrolabe_rl import evaluate
+    from astrolabe_rl.rewards import remote
     from astrolabe_rl.train.commands import add_parsers as add_train_parsers
 
     add_train_parsers(sub)
+    evaluate.add_parser(sub)
+    remote.add_parser(sub)
     return parser
 
 

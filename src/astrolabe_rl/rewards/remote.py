@@ -1,0 +1,494 @@
+"""A reward server and its client: run a reward in another process (or environment, or machine) and use it in
+training exactly like a local one.
+
+Why: the VLM rewards pin their own transformers / torch versions, and a 7B reward may deserve its own GPU
+(`reference/rewards.md` §9, §10.5). ``astrolabe serve-reward --reward hpsv3 --port 8765`` serves any registered
+reward; ``build_reward("remote", url="http://127.0.0.1:8765", reward="hpsv3")`` is a `Reward` like any other.
+
+Protocol ``astrolabe-reward/1`` (language-neutral; HTTP/1.1, standard library only, no pickle anywhere):
+
+``POST /score`` with ``Content-Type: application/msgpack`` (or ``application/json``, bytes as base64)::
+
+    {"protocol": "astrolabe-reward/1", "reward": "hpsv3",
+     "items": [{"id": "0", "prompt": "a corgi surfing", "fps": 16.0, "frames": 81, "height": 480, "width": 832,
+                "encoding": "rgb24", "data": <bytes>}, ...]}
+
+``encoding`` is ``rgb24`` (``frames × height × width × 3`` uint8, row-major ``[T, H, W, 3]``, lossless) or ``mp4``
+(an H.264 file's bytes; ``frames`` must match what decodes). The answer keeps the items' order::
+
+    {"protocol": "astrolabe-reward/1", "reward": "hpsv3", "elapsed_s": 0.8,
+     "items": [{"id": "0", "status": "ok", "score": 7.12}, {"id": "1", "status": "error", "error": "..."}]}
+
+Status codes: 200 (per-item status inside), 400 malformed, 404 unknown path or reward, 413 request over the
+server's ``max_request_bytes`` (checked from ``Content-Length`` before anything is read), 500 server fault.
+``GET /health`` answers ``{"status": "ok"}``; ``GET /info`` lists the rewards, the size limit and versions.
+
+The client splits a batch into requests under its own size limit, retries transport failures (connection
+refused, timeouts, 5xx) a bounded number of times with exponential backoff, never retries a 4xx, and returns NaN
+for every item that failed (NaN marks a failed sample everywhere in the trainer, so a lost reward never becomes a
+fake 0). After a transport failure it fails fast for ``cooldown_s`` so a dead server does not cost a timeout per
+sample. The server binds 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import math
+import threading
+import time
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from astrolabe_rl.rewards.base import Reward, check_videos, register_reward
+
+PROTOCOL = "astrolabe-reward/1"
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+
+
+class RemoteRewardError(RuntimeError):
+    """The reward server could not be reached or answered with an error for the whole request."""
+
+
+# ------------------------------------------------------------------------------------------ encoding
+
+
+def encode_video(frames: Tensor, encoding: str = "rgb24", fps: float = 16.0) -> bytes:
+    """``[T, 3, H, W]`` float in [0, 1] -> bytes in the protocol's ``encoding`` (8-bit, rounded once)."""
+    from astrolabe_rl.video import to_uint8
+
+    if encoding == "rgb24":
+        return to_uint8(frames.cpu()).numpy().tobytes()
+    if encoding == "mp4":
+        return _mp4_bytes(frames, fps)
+    raise ValueError(f"unknown encoding {encoding!r}; use 'rgb24' or 'mp4'")
+
+
+def decode_video(item: dict[str, Any]) -> Tensor:
+    """A request item -> float frames ``[T, 3, H, W]`` in [0, 1]; raises ValueError saying what is wrong."""
+    t, h, w = (int(item[k]) for k in ("frames", "height", "width"))
+    data = item["data"]
+    if item.get("encoding", "rgb24") == "rgb24":
+        if len(data) != t * h * w * 3:
+            raise ValueError(f"rgb24 data has {len(data)} bytes; {t}×{h}×{w}×3 = {t * h * w * 3} expected")
+        pixels = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(t, h, w, 3)
+        return pixels.permute(0, 3, 1, 2).float() / 255
+    if item["encoding"] == "mp4":
+        frames = _read_mp4_bytes(data)
+        if frames.shape[0] != t or tuple(frames.shape[2:]) != (h, w):
+            raise ValueError(f"mp4 decodes to {tuple(frames.shape)}; the item says {t} frames of {h}×{w}")
+        return frames
+    raise ValueError(f"unknown encoding {item['encoding']!r}; use 'rgb24' or 'mp4'")
+
+
+def _mp4_bytes(frames: Tensor, fps: float) -> bytes:
+    import tempfile
+    from pathlib import Path
+
+    from astrolabe_rl.video import write_mp4
+
+    with tempfile.TemporaryDirectory() as d:
+        path = write_mp4(Path(d) / "v.mp4", frames.cpu(), fps=max(1, round(fps)))
+        return path.read_bytes()
+
+
+def _read_mp4_bytes(data: bytes) -> Tensor:
+    import tempfile
+    from pathlib import Path
+
+    from astrolabe_rl.video import read_mp4
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "v.mp4"
+        path.write_bytes(data)
+        return read_mp4(path)[0]
+
+
+def pack(obj: dict[str, Any], content_type: str) -> bytes:
+    """Serialise a message (msgpack, or JSON with bytes as base64 strings)."""
+    if content_type == MSGPACK:
+        import msgpack
+
+        return msgpack.packb(obj, use_bin_type=True)
+    return json.dumps(_b64(obj)).encode()
+
+
+def unpack(body: bytes, content_type: str) -> dict[str, Any]:
+    """Parse a message; raises ValueError for anything that is not a protocol object."""
+    try:
+        if content_type == MSGPACK:
+            import msgpack
+
+            obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        else:
+            obj = _unb64(json.loads(body))
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a malformed request
+        raise ValueError(f"cannot parse the {content_type} body: {e}") from e
+    if not isinstance(obj, dict):
+        raise ValueError("the message must be a map")
+    return obj
+
+
+def _b64(obj: Any) -> Any:
+    if isinstance(obj, bytes):
+        return {"$b64": base64.b64encode(obj).decode()}
+    if isinstance(obj, dict):
+        return {k: _b64(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_b64(v) for v in obj]
+    return obj
+
+
+def _unb64(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"$b64"}:
+            return base64.b64decode(obj["$b64"])
+        return {k: _unb64(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unb64(v) for v in obj]
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------ server
+
+
+class RewardServer:
+    """Serves rewards over HTTP (see the module docstring for the protocol).
+
+    Args:
+        rewards: ``{name: Reward}`` served at ``POST /score``.
+        host: bind address; 127.0.0.1 keeps the server private to this machine.
+        port: 0 picks a free port (read it back from ``url``).
+        max_request_bytes: larger requests are refused with 413 before being read.
+        request_timeout: seconds a client may take to send its request (bounds stuck connections).
+    """
+
+    def __init__(self, rewards: dict[str, Reward], host: str = "127.0.0.1", port: int = 0,
+                 max_request_bytes: int = 256 << 20, request_timeout: float = 60.0) -> None:
+        if not rewards:
+            raise ValueError("give the server at least one reward")
+        self.rewards = rewards
+        self.max_request_bytes = max_request_bytes
+        self._locks = {name: threading.Lock() for name in rewards}
+        handler = type("Handler", (_Handler,), {"app": self, "timeout": request_timeout})
+        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "RewardServer":
+        """Serve in a background thread; returns self (use ``stop`` or a ``with`` block to end it)."""
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="reward-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.httpd.serve_forever()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> "RewardServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def info(self) -> dict[str, Any]:
+        import platform
+
+        return {"protocol": PROTOCOL, "rewards": sorted(self.rewards), "max_request_bytes": self.max_request_bytes,
+                "versions": {"torch": torch.__version__, "python": platform.python_version()}}
+
+    def score(self, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Handle one ``/score`` request -> (HTTP status, answer)."""
+        name = request.get("reward") or (next(iter(self.rewards)) if len(self.rewards) == 1 else None)
+        if request.get("protocol", PROTOCOL) != PROTOCOL:
+            return 400, {"error": f"protocol {request.get('protocol')!r} is not {PROTOCOL!r}"}
+        if name not in self.rewards:
+            return 404, {"error": f"reward {name!r} is not served here; served: {sorted(self.rewards)}"}
+        items = request.get("items")
+        if not isinstance(items, list):
+            return 400, {"error": "'items' must be a list"}
+        start = time.perf_counter()
+        with self._locks[name]:
+            results = _score_items(self.rewards[name], items)
+        return 200, {"protocol": PROTOCOL, "reward": name, "items": results,
+                     "elapsed_s": time.perf_counter() - start}
+
+
+def _score_items(reward: Reward, items: list[Any]) -> list[dict[str, Any]]:
+    """Decode every item, score same-shaped ones together, and report each item's own status."""
+    results: list[dict[str, Any]] = [{} for _ in items]
+    groups: dict[tuple, list[tuple[int, Tensor, str]]] = {}
+    for i, item in enumerate(items):
+        ident = str(item.get("id", i)) if isinstance(item, dict) else str(i)
+        try:
+            frames = decode_video(item)
+            prompt = str(item.get("prompt", ""))
+        except Exception as e:  # noqa: BLE001 - a bad item fails alone
+            results[i] = {"id": ident, "status": "error", "error": f"bad item: {type(e).__name__}: {e}"}
+            continue
+        groups.setdefault(tuple(frames.shape), []).append((i, frames, prompt))
+        results[i] = {"id": ident}
+    for group in groups.values():
+        for i, score, error in _score_group(reward, group):
+            results[i] = ({**results[i], "status": "ok", "score": score} if error is None
+                          else {**results[i], "status": "error", "error": error})
+    return results
+
+
+def _score_group(reward: Reward, group: list[tuple[int, Tensor, str]]) -> list[tuple[int, float, str | None]]:
+    """One batch call; if it raises, item by item, so one bad video costs one error."""
+    videos = torch.stack([f for _, f, _ in group])
+    prompts = [p for _, _, p in group]
+    try:
+        scores = reward(videos, prompts).float().cpu().tolist()
+        return [(i, s, None if math.isfinite(s) else "the reward returned a non-finite score")
+                for (i, _, _), s in zip(group, scores)]
+    except Exception:  # noqa: BLE001
+        pass
+    out = []
+    for i, frames, prompt in group:
+        try:
+            s = float(reward(frames[None], [prompt])[0])
+            out.append((i, s, None if math.isfinite(s) else "the reward returned a non-finite score"))
+        except Exception as e:  # noqa: BLE001
+            out.append((i, float("nan"), f"{type(e).__name__}: {e}"))
+    return out
+
+
+class _Handler(BaseHTTPRequestHandler):
+    app: RewardServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+        pass  # the trainer's logs stay readable; errors travel back in the answers
+
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        if self.path == "/health":
+            self._reply(200, {"status": "ok"}, JSON)
+        elif self.path == "/info":
+            self._reply(200, self.app.info(), JSON)
+        else:
+            self._reply(404, {"error": f"unknown path {self.path}; use POST /score, GET /health, GET /info"}, JSON)
+
+    def do_POST(self) -> None:  # noqa: N802
+        ctype = MSGPACK if self.headers.get("Content-Type", JSON).startswith(MSGPACK) else JSON
+        if self.path != "/score":
+            self._reply(404, {"error": f"unknown path {self.path}; POST to /score"}, ctype)
+            return
+        length = int(self.headers.get("Content-Length") or -1)
+        if length < 0:
+            self._reply(411, {"error": "Content-Length is required"}, ctype)
+            return
+        if length > self.app.max_request_bytes:
+            self.close_connection = True  # the unread body must not be parsed as the next request
+            self._reply(413, {"error": f"request is {length} bytes; this server takes at most "
+                                       f"{self.app.max_request_bytes} (send fewer videos per request)"}, ctype)
+            return
+        try:
+            status, answer = self.app.score(unpack(self.rfile.read(length), ctype))
+        except ValueError as e:
+            status, answer = 400, {"error": str(e)}
+        except Exception as e:  # noqa: BLE001 - report, keep serving
+            status, answer = 500, {"error": f"{type(e).__name__}: {e}"}
+        self._reply(status, answer, ctype)
+
+    def _reply(self, status: int, obj: dict[str, Any], ctype: str) -> None:
+        body = pack(obj, ctype)
+        self.send_response(status, HTTPStatus(status).phrase)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+
+# ------------------------------------------------------------------------------------------------ client
+
+
+@dataclass
+class RemoteReward:
+    """A `Reward` scored by a reward server.
+
+    Args:
+        url: the server, e.g. ``http://127.0.0.1:8765``.
+        reward: the served reward's name (also this reward's ``name`` unless ``name`` is given).
+        timeout: seconds per HTTP request (connect + score + answer).
+        retries: extra attempts after a transport failure (connection refused, timeout, 5xx); 4xx is never retried.
+        backoff: seconds before the first retry, doubled each time.
+        cooldown_s: after a request failed all attempts, calls fail at once for this long.
+        encoding: "rgb24" (lossless, large) or "mp4" (H.264 crf 18, ~50× smaller).
+        fps: frame rate sent with each video.
+        max_request_bytes: batches are split into requests below this size.
+    ``extras["errors"]`` maps the batch index of each failed item to its message after every call.
+    """
+
+    url: str
+    reward: str
+    name: str | None = None
+    timeout: float = 120.0
+    retries: int = 2
+    backoff: float = 0.5
+    cooldown_s: float = 30.0
+    encoding: str = "rgb24"
+    fps: float = 16.0
+    max_request_bytes: int = 64 << 20
+    content_type: str = MSGPACK
+    needs: frozenset[str] = frozenset({"video", "prompts"})
+    scale: tuple[float, float] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    _down_until: float = field(default=0.0, repr=False)
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.reward
+        self.url = self.url.rstrip("/")
+
+    def __call__(self, videos: Tensor, prompts: list[str]) -> Tensor:
+        """``videos [B, T, 3, H, W]`` -> ``[B]`` scores, NaN where the server reported an item error.
+
+        Raises:
+            RemoteRewardError: the server could not be reached (after retries) or refused the whole request.
+        """
+        check_videos(videos, prompts)
+        scores = torch.full((videos.shape[0],), float("nan"))
+        errors: dict[int, str] = {}
+        items = [self._item(i, v, p) for i, (v, p) in enumerate(zip(videos, prompts))]
+        for batch in self._requests(items, errors):
+            for i, res in zip([int(it["id"]) for it in batch], self._post(batch)):
+                if res.get("status") == "ok":
+                    scores[i] = float(res["score"])
+                else:
+                    errors[i] = str(res.get("error", "unknown error"))
+        self.extras = {"errors": errors}
+        return scores
+
+    def _item(self, i: int, video: Tensor, prompt: str) -> dict[str, Any]:
+        t, _, h, w = video.shape
+        return {"id": str(i), "prompt": prompt, "fps": float(self.fps), "frames": t, "height": h, "width": w,
+                "encoding": self.encoding, "data": encode_video(video, self.encoding, self.fps)}
+
+    def _requests(self, items: list[dict[str, Any]], errors: dict[int, str]) -> list[list[dict[str, Any]]]:
+        """Greedy split into requests under ``max_request_bytes``; an item alone over it is an item error."""
+        batches, current, size = [], [], 0
+        for it in items:
+            n = len(it["data"]) + len(it["prompt"].encode()) + 256
+            if n > self.max_request_bytes:
+                errors[int(it["id"])] = f"video is {n} bytes encoded, over max_request_bytes={self.max_request_bytes}"
+                continue
+            if current and size + n > self.max_request_bytes:
+                batches.append(current)
+                current, size = [], 0
+            current.append(it)
+            size += n
+        return batches + ([current] if current else [])
+
+    def _post(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One request with bounded retries; returns the per-item results in order."""
+        if time.monotonic() < self._down_until:
+            raise RemoteRewardError(f"reward server {self.url} failed recently; not retrying for "
+                                    f"{self._down_until - time.monotonic():.0f} s more")
+        body = pack({"protocol": PROTOCOL, "reward": self.reward, "items": items}, self.content_type)
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                answer = self._send(body)
+            except _Retryable as e:
+                last = str(e)
+                continue
+            results = answer.get("items", [])
+            if len(results) != len(items):
+                raise RemoteRewardError(f"{self.url} answered {len(results)} items for {len(items)}")
+            return results
+        self._down_until = time.monotonic() + self.cooldown_s
+        raise RemoteRewardError(f"reward server {self.url} failed after {self.retries + 1} attempts: {last}")
+
+    def _send(self, body: bytes) -> dict[str, Any]:
+        req = urllib.request.Request(f"{self.url}/score", data=body, method="POST",
+                                     headers={"Content-Type": self.content_type})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return unpack(resp.read(), self.content_type)
+        except urllib.error.HTTPError as e:
+            detail = _error_text(e, self.content_type)
+            if e.code >= 500:
+                raise _Retryable(f"HTTP {e.code}: {detail}") from e
+            raise RemoteRewardError(f"{self.url} refused the request (HTTP {e.code}): {detail}") from e
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            raise _Retryable(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from e
+
+
+class _Retryable(Exception):
+    """A transport failure worth another attempt."""
+
+
+def _error_text(e: urllib.error.HTTPError, content_type: str) -> str:
+    try:
+        return str(unpack(e.read(), content_type).get("error", ""))
+    except Exception:  # noqa: BLE001 - the error body is best effort
+        return e.reason
+
+
+@register_reward("remote")
+def remote_reward(url: str = "http://127.0.0.1:8765", reward: str = "hpsv3", name: str | None = None,
+                  **options: Any) -> RemoteReward:
+    """A reward served by ``astrolabe serve-reward`` (options: see `RemoteReward`)."""
+    return RemoteReward(url, reward, name, **options)
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``astrolabe serve-reward``."""
+    p = subparsers.add_parser("serve-reward", help="serve rewards over HTTP for remote scoring",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--reward", required=True, help="comma-separated registered rewards, e.g. hpsv3,videoalign_mq")
+    p.add_argument("--reward-kwargs", default=None,
+                   help="JSON object {reward: {kwarg: value}} or a path to a .json/.yaml file with one")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0 = any free port)")
+    p.add_argument("--max-request-mb", type=float, default=256.0, help="refuse larger requests (default 256)")
+    p.add_argument("--device", default=None, help="device for every reward (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on GPU)")
+    p.set_defaults(func=serve_reward_command)
+
+
+def serve_reward_command(args: argparse.Namespace) -> int:
+    """``astrolabe serve-reward``: build the rewards, then serve until interrupted."""
+    from astrolabe_rl.rewards._common import build_rewards, parse_reward_kwargs
+
+    names = [n.strip() for n in args.reward.split(",") if n.strip()]
+    rewards = build_rewards(names, parse_reward_kwargs(args.reward_kwargs), args.device, args.dtype)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        warnings.warn(f"serving on {args.host}: anyone who can reach this port can use the rewards (no auth)")
+    server = RewardServer(rewards, args.host, args.port, int(args.max_request_mb * (1 << 20)))
+    print(json.dumps({"serving": sorted(rewards), "url": server.url}), flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
+    return 0

@@ -1,0 +1,80 @@
+"""``astrolabe evaluate`` on a folder of tiny generated videos and on a tiny model's own generations."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from astrolabe_rl import evaluate
+from astrolabe_rl.video import write_mp4
+
+TINY = json.dumps({"clipscore": {"tiny": True}, "flow": {"backend": "lk", "size": 32, "frames": 5}})
+
+
+def run(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    evaluate.add_parser(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(["evaluate", *argv])
+    return args.func(args)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Two prompts × two videos named the VBench way, plus one file that is not."""
+    g = torch.Generator().manual_seed(0)
+    for name in ("a red ball-0", "a red ball-1", "a cat on a mat-0", "a cat on a mat-1", "free_name"):
+        write_mp4(tmp_path / "videos" / f"{name}.mp4", torch.rand(6, 3, 32, 48, generator=g), fps=8)
+    return tmp_path / "videos"
+
+
+def test_folder_names_parse_the_vbench_way(folder):
+    found = {v.path.name: (v.prompt, v.index) for v in evaluate.find_videos(folder)}
+    assert found["a red ball-1.mp4"] == ("a red ball", 1)
+    assert found["a cat on a mat-0.mp4"] == ("a cat on a mat", 0)
+    assert found["free_name.mp4"] == ("free_name", None)
+    assert evaluate.vbench_name("a/b", 3) == "a_b-3.mp4"
+    with pytest.raises(FileNotFoundError, match="no .mp4 files"):
+        evaluate.find_videos(folder.parent)
+
+
+def test_evaluate_a_folder(folder, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    code = run(["--videos", str(folder), "--rewards", "clipscore,flow", "--reward-kwargs", TINY,
+                "--out", str(out), "--batch-size", "2"])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["rewards"] == ["clipscore", "flow"]
+    assert {v["file"] for v in result["videos"]} == {p.name for p in folder.glob("*.mp4")}
+    for name in ("clipscore", "flow"):
+        assert result["summary"][name]["n"] == 5 and result["summary"][name]["failed"] == 0
+        scores = [v["scores"][name] for v in result["videos"]]
+        assert result["summary"][name]["mean"] == pytest.approx(sum(scores) / 5, rel=1e-5)
+    ball = [v["scores"]["clipscore"] for v in result["videos"] if v["prompt"] == "a red ball"]
+    assert result["per_prompt"]["a red ball"]["clipscore"] == pytest.approx(sum(ball) / 2, rel=1e-5)
+    table = capsys.readouterr().out
+    assert "clipscore" in table and "flow" in table and "5 videos" in table
+
+
+def test_evaluate_a_tiny_models_generations(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\na blue square\n")
+    saved, out = tmp_path / "generated", tmp_path / "gen.json"
+    code = run(["--prompts", str(prompts), "--model", "tiny", "--num-videos", "2", "--frames", "5", "--gen-batch", "4",
+                "--rewards", "clipscore", "--reward-kwargs", json.dumps({"clipscore": {"tiny": True}}),
+                "--out", str(out), "--save-videos", str(saved)])
+    assert code == 0
+    names = sorted(p.name for p in saved.glob("*.mp4"))
+    assert names == ["a blue square-0.mp4", "a blue square-1.mp4", "a red ball-0.mp4", "a red ball-1.mp4"]
+    result = json.loads(out.read_text())
+    assert result["source"].startswith("tiny") and result["summary"]["clipscore"]["n"] == 4
+
+
+def test_unknown_reward_is_a_clear_error(folder, tmp_path):
+    with pytest.raises(ValueError, match="unknown reward 'clipscor'.*clipscore"):
+        run(["--videos", str(folder), "--rewards", "clipscor", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(ValueError, match="not among the rewards"):
+        run(["--videos", str(folder), "--rewards", "clipscore", "--reward-kwargs", TINY,
+             "--out", str(tmp_path / "x.json")])
