@@ -167,11 +167,11 @@ def test_a_failing_reward_marks_its_samples(tmp_path, policy):
             raise RuntimeError("cannot score red things")
         return videos.mean(dim=(1, 2, 3, 4))
 
-    world.rewards["sharpness"] = FunctionReward("sharpness", picky)
+    world.rewards["sharpness"] = world.scorer.rewards["sharpness"] = FunctionReward("sharpness", picky)
     plan = world.sampler_plan.epoch_plan(0)
-    batch = recipe.rollout_phase(world, plan)
     with pytest.warns(RuntimeWarning, match="cannot score red things"):
-        scores, _, _ = recipe.score_phase(world, batch)
+        batch = recipe.rollout_phase(world, plan)
+    scores, _ = recipe.score_phase(world, batch)
     red = torch.tensor(["red" in p for p in batch.prompts])
     assert torch.isnan(scores["sharpness"][red]).all() and torch.isfinite(scores["sharpness"][~red]).all()
     if not red.any():
@@ -185,6 +185,18 @@ def test_a_failing_reward_marks_its_samples(tmp_path, policy):
         assert torch.equal(adv.keep, ~red if policy == "drop" else torch.ones_like(red))
         recipe.update_phase(world, batch, adv, 0)  # the update runs with the failed samples handled
     world.logger.close()
+
+
+def test_async_scoring_gives_the_same_scores(tmp_path):
+    out = []
+    for flag in ("false", "true"):
+        world = recipe.setup(_cfg(tmp_path / flag, f"rewards.async_scoring={flag}"))
+        batch = recipe.rollout_phase(world, world.sampler_plan.epoch_plan(0))
+        out.append(recipe.score_phase(world, batch))
+        world.logger.close()
+    (a, ma), (b, mb) = out
+    assert a.keys() == b.keys() and ma.keys() == mb.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a) and all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
 def _run_cli(args, env=None, timeout=600):

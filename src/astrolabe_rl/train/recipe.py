@@ -3,8 +3,9 @@
 One epoch is one optimiser step (`reference/astrolabe.md` §2.2, DESIGN §3):
 
     plan      = sampler.epoch_plan(epoch)                 P prompts × K candidates, spread over the ranks
-    batch     = rollout_phase(...)                         θ_old samples clean latents x0 [n, F, C, H, W]
-    scores    = score_phase(...)                           decode, every reward raw (+ monitors)
+    batch     = rollout_phase(...)                         θ_old samples clean latents x0 [n, F, C, H, W]; each
+                                                           micro-batch is decoded and sent to the scorer
+    scores    = score_phase(...)                           every reward raw (+ monitors)
     adv       = advantage_phase(...)                       gather, combine, A = (R − mean_group)/(std + 1e-4), r
     stats     = update_phase(...)                          per micro-batch: σ, ε, x_t, 3 passes, NFT loss; one step
     sync_phase(...)                                        θ_old ← η·θ_old + (1 − η)·θ ; EMA
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import Future
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,7 @@ from astrolabe_rl.models.families import Family, SamplerConfig, get_family
 from astrolabe_rl.models.schedule import renoise, sigma_of, x0_from_velocity
 from astrolabe_rl.models.wan import CausalWan
 from astrolabe_rl.policy import Policy
+from astrolabe_rl.rewards.async_ import AsyncScorer
 from astrolabe_rl.rewards.base import Reward, build_reward, score_all
 from astrolabe_rl.rewards.combine import combine_rewards
 from astrolabe_rl.rollout import rollout
@@ -70,6 +73,7 @@ class World:
     rewards: dict[str, Reward]
     weights: dict[str, float]
     monitors: dict[str, Reward]
+    scorer: AsyncScorer  # rewards + monitors, in the background when rewards.async_scoring
     prompts: list[str]
     eval_prompts: list[str]
     sampler_plan: dist.GroupSampler
@@ -89,6 +93,8 @@ class Batch:
     global_index: Tensor  # [n] long, position in the epoch's global batch
     seeds: list[int]
     prompts: list[str]
+    pending: list[Future]  # the scorer's futures, one per micro-batch: {reward name: [b]}
+    first_videos: Tensor | None  # decoded videos of the first micro-batch [b, T, 3, H, W], for logging
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -116,28 +122,39 @@ def _read_prompts(path: str | None, inline: list[str], what: str) -> list[str]:
 def build_model_io(
     cfg: Config, family: Family, device: torch.device, dtype: torch.dtype
 ) -> tuple[CausalWan, Callable[[list[str]], Tensor], Callable[[Tensor], Tensor]]:
-    """The base DiT, the text encoder and the decoder for this family (tiny: random weights from init_seed)."""
+    """The base DiT, the text encoder and the decoder for this family (tiny: random weights from init_seed; toy:
+    the shipped toy-world weights, word table and exact toy VAE)."""
     from astrolabe_rl.models import loading, text, vae
 
     if family.name == "tiny":
         torch.manual_seed(cfg.model.init_seed)
         model = CausalWan(family.model)
         encoder = text.HashTextEncoder(family.model.text_dim, family.model.text_len, seed=cfg.model.init_seed)
+    elif family.name == "toy":  # the shipped toy-world model (or cfg.model.checkpoint) and its word table
+        from astrolabe_rl.toy.model import load_toy_model
+        from astrolabe_rl.toy.text import ToyTextEncoder
+
+        model = load_toy_model(cfg.model.checkpoint)
+        encoder = ToyTextEncoder()
     else:
         model = loading.load_causal_wan(cfg.model.checkpoint, family.model, key=family.checkpoint_key,
                                         lora=cfg.model.lora, device=device, dtype=dtype)
         encoder = text.load_umt5(cfg.model.wan_dir, device=device, dtype=dtype)
     model = model.to(device, dtype)
-    kind = cfg.model.vae if cfg.model.vae != "auto" else ("tiny" if family.name == "tiny" else "wan")
-    if kind == "tiny":
-        decoder = vae.WanVAE(vae.random_vae(vae.tiny_vae_config(), seed=cfg.model.init_seed).to(device))
+    kind = cfg.model.vae if cfg.model.vae != "auto" else {"tiny": "tiny", "toy": "toy"}.get(family.name, "wan")
+    if kind == "toy":
+        from astrolabe_rl.toy import vae as toy_vae
+
+        decode = toy_vae.decode
+    elif kind == "tiny":
+        decode = vae.WanVAE(vae.random_vae(vae.tiny_vae_config(), seed=cfg.model.init_seed).to(device)).decode
     else:
-        decoder = vae.load_vae(cfg.model.wan_dir, device=device, dtype=dtype)
+        decode = vae.load_vae(cfg.model.wan_dir, device=device, dtype=dtype).decode
 
     def encode(prompts: list[str]) -> Tensor:
         return encoder(prompts).to(device, dtype)
 
-    return model, encode, decoder.decode
+    return model, encode, decode
 
 
 def setup(cfg: Config) -> World:
@@ -166,6 +183,8 @@ def setup(cfg: Config) -> World:
     rewards = {item.name: build_reward(item.name, **item.kwargs) for item in cfg.rewards.components}
     weights = {item.name: item.weight for item in cfg.rewards.components}
     monitors = {name: build_reward(name) for name in cfg.rewards.monitors}
+    scorer = AsyncScorer({**rewards, **monitors}, enabled=cfg.rewards.async_scoring,
+                         on_error=lambda name, msg: _warn_main(ctx, f"reward {name} failed on part of a batch: {msg}"))
 
     prompts = _read_prompts(cfg.data.train_prompts, cfg.data.prompts, "data.train_prompts")
     eval_prompts = _read_prompts(cfg.data.eval_prompts, cfg.data.eval_inline, "data.eval_prompts")
@@ -178,7 +197,7 @@ def setup(cfg: Config) -> World:
     )
     world = World(
         cfg, ctx, family, sampler, num_frames, policy, train_model, optimizer, encode, decode, rewards, weights,
-        monitors, prompts, eval_prompts, sampler_plan, logger,
+        monitors, scorer, prompts, eval_prompts, sampler_plan, logger,
     )
     _maybe_resume(world)
     return world
@@ -209,11 +228,15 @@ def _chunks(n: int, size: int) -> list[slice]:
 
 @torch.no_grad()
 def rollout_phase(world: World, plan: list[dist.Sample]) -> Batch:
-    """θ_old samples every planned video (CFG-free, the family's own few-step sampler), in micro-batches."""
+    """θ_old samples every planned video (CFG-free, the family's own few-step sampler), in micro-batches.
+
+    Each micro-batch is decoded and handed to the scorer at once, so with ``rewards.async_scoring`` the rewards of
+    micro-batch k run while micro-batch k+1 is sampled.
+    """
     prompts = [world.prompts[s.prompt_id] for s in plan]
     text = world.encode(prompts)
     seeds = [s.seed_for_noise for s in plan]
-    latents = []
+    latents, pending, first_videos = [], [], None
     with world.policy.use("old") as model:
         for sl in _chunks(len(plan), world.cfg.rollout.micro_batch):
             out = rollout(
@@ -221,6 +244,9 @@ def rollout_phase(world: World, plan: list[dist.Sample]) -> Batch:
                 sampler=world.sampler, seeds=seeds[sl],
             )
             latents.append(out.latents)
+            videos = world.decode(out.latents).float()
+            first_videos = videos if first_videos is None else first_videos
+            pending.append(world.scorer.submit(videos, prompts[sl]))
     device = text.device
     return Batch(
         latents=torch.cat(latents),
@@ -229,30 +255,21 @@ def rollout_phase(world: World, plan: list[dist.Sample]) -> Batch:
         global_index=torch.tensor([s.global_index for s in plan], device=device),
         seeds=seeds,
         prompts=prompts,
+        pending=pending,
+        first_videos=first_videos,
     )
 
 
-@torch.no_grad()
-def score_phase(world: World, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor | None]:
-    """Decode and score every video with every reward (raw) and every monitor.
+def score_phase(world: World, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Collect every reward (raw) and every monitor of the batch: ``{name: [n]}`` each, NaN where a reward failed
+    on a sample (its message was reported by the scorer)."""
+    results = [f.result() for f in batch.pending]
+    device = batch.latents.device
 
-    Returns ``(scores, monitors, first_videos)``: ``{name: [n]}`` each (NaN where a reward failed on a sample),
-    and the decoded videos of the first micro-batch for logging.
-    """
-    scores: dict[str, list[Tensor]] = {name: [] for name in world.rewards}
-    monitors: dict[str, list[Tensor]] = {name: [] for name in world.monitors}
-    first_videos = None
-    for sl in _chunks(batch.latents.shape[0], world.cfg.rollout.micro_batch):
-        videos = world.decode(batch.latents[sl]).float()
-        first_videos = videos if first_videos is None else first_videos
-        for out, rewards in ((scores, world.rewards), (monitors, world.monitors)):
-            got, errors = score_all(rewards, videos, batch.prompts[sl])
-            for name, msg in errors.items():
-                _warn(world, f"reward {name} failed on part of a batch: {msg}")
-            for name, value in got.items():
-                out[name].append(value.to(batch.latents.device))
-    cat = lambda d: {k: torch.cat(v) for k, v in d.items()}  # noqa: E731
-    return cat(scores), cat(monitors), first_videos
+    def cat(names: dict[str, Reward]) -> dict[str, Tensor]:
+        return {k: torch.cat([r[k] for r in results]).to(device) for k in names}
+
+    return cat(world.rewards), cat(world.monitors)
 
 
 @dataclass
@@ -376,7 +393,7 @@ def update_phase(world: World, batch: Batch, adv: Advantages, epoch: int) -> dic
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip))
     skipped = not math.isfinite(grad_norm) and cfg.train.skip_nonfinite
     if skipped:
-        _warn(world, f"non-finite gradient (norm {grad_norm}) at epoch {epoch}: optimiser step skipped")
+        _warn_main(world.ctx, f"non-finite gradient (norm {grad_norm}) at epoch {epoch}: optimiser step skipped")
         world.optimizer.zero_grad(set_to_none=True)
     else:
         world.optimizer.step()
@@ -396,35 +413,39 @@ def sync_phase(world: World) -> None:
 
 @torch.no_grad()
 def evaluate(world: World) -> dict[str, float]:
-    """Held-out prompts at fixed seeds with the EMA weights; rewards logged and sample videos written (rank 0)."""
-    cfg = world.cfg
-    if not world.eval_prompts or not world.ctx.is_main:
-        return {}
-    metrics: dict[str, list[float]] = {}
+    """Held-out prompts at fixed seeds with the EMA weights; every reward and monitor, and sample videos.
+
+    Every rank generates an equal share (padded, so sharded FSDP2 models see the same number of forwards on every
+    rank); scores are gathered and rank 0 writes the videos of its share.
+    """
+    cfg, ctx = world.cfg, world.ctx
+    jobs = [(p, seed * 100_003 + i) for seed in cfg.eval.seeds for i, p in enumerate(world.eval_prompts)]
+    share = -(-len(jobs) // ctx.world_size)
+    mine = (jobs + jobs[-1:] * (share * ctx.world_size - len(jobs)))[ctx.rank * share : (ctx.rank + 1) * share]
+    scorers = {**world.rewards, **world.monitors}
+    local: dict[str, list[Tensor]] = {name: [] for name in scorers}
     written = 0
     with world.policy.ema_weights() as model:
-        for seed in cfg.eval.seeds:
-            text = world.encode(world.eval_prompts)
-            seeds = [seed * 100_003 + i for i in range(len(world.eval_prompts))]
-            for sl in _chunks(len(seeds), cfg.rollout.micro_batch):
-                out = rollout(model, text[sl], num_frames=world.num_frames, latent_hw=world.family.latent_hw,
-                              sampler=world.sampler, seeds=seeds[sl])
-                videos = world.decode(out.latents).float()
-                prompts = world.eval_prompts[sl]
-                got, _ = score_all({**world.rewards, **world.monitors}, videos, prompts)
-                for name, v in got.items():
-                    metrics.setdefault(name, []).extend(v.tolist())
-                for j in range(videos.shape[0]):
-                    if written < cfg.eval.videos:
-                        caption = {name: float(v[j]) for name, v in got.items()}
-                        world.logger.log_video(f"eval/{written:02d}", videos[j], world.step, caption=caption)
-                        written += 1
-    out = {}
-    for name, values in metrics.items():
-        kind = "monitor" if name in world.monitors and name not in world.rewards else "reward"
-        out[f"eval/{kind}/{name}"] = _nanmean(torch.tensor(values))
-    out["eval/reward/total"] = sum(world.weights[n] * out[f"eval/reward/{n}"] for n in world.rewards)
-    return out
+        for sl in _chunks(len(mine), cfg.rollout.micro_batch):
+            prompts = [p for p, _ in mine[sl]]
+            out = rollout(model, world.encode(prompts), num_frames=world.num_frames,
+                          latent_hw=world.family.latent_hw, sampler=world.sampler, seeds=[s for _, s in mine[sl]])
+            videos = world.decode(out.latents).float()
+            got, _ = score_all(scorers, videos, prompts)
+            for name, v in got.items():
+                local[name].append(v.to(out.latents.device))
+            for j in range(videos.shape[0]):
+                if ctx.is_main and written < cfg.eval.videos:
+                    caption = {name: float(v[j]) for name, v in got.items()}
+                    world.logger.log_video(f"eval/{written:02d}", videos[j], world.step, caption=caption)
+                    written += 1
+    metrics = {}
+    for name, parts in local.items():
+        values = dist.all_gather_cat(ctx, torch.cat(parts))[: len(jobs)]  # drop the padding
+        kind = "reward" if name in world.rewards else "monitor"
+        metrics[f"eval/{kind}/{name}"] = _nanmean(values)
+    metrics["eval/reward/total"] = sum(world.weights[n] * metrics[f"eval/reward/{n}"] for n in world.rewards)
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -436,8 +457,8 @@ def _nanmean(x: Tensor) -> float:
     return float(finite.mean()) if finite.numel() else float("nan")
 
 
-def _warn(world: World, msg: str) -> None:
-    if world.ctx.is_main:
+def _warn_main(ctx: dist.DistContext, msg: str) -> None:
+    if ctx.is_main:
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
 
@@ -488,7 +509,7 @@ def run_epoch(world: World) -> dict[str, float]:
     plan = world.sampler_plan.epoch_plan(epoch)
     batch = rollout_phase(world, plan)
     t1 = time.perf_counter()
-    scores, monitors, videos = score_phase(world, batch)
+    scores, monitors = score_phase(world, batch)
     t2 = time.perf_counter()
     adv = advantage_phase(world, batch, scores)
     metrics = update_phase(world, batch, adv, epoch)
@@ -506,13 +527,12 @@ def run_epoch(world: World) -> dict[str, float]:
     last = world.epoch == cfg.train.epochs
     if world.eval_prompts and (last or (cfg.eval.every and world.epoch % cfg.eval.every == 0)):
         metrics.update(evaluate(world))
-        dist.barrier(ctx)
     world.logger.log(metrics, world.step)
     if cfg.log.table:
         rows = dist.all_gather_object(ctx, _table_rows(batch, scores, adv))
         world.logger.log_table("rollouts", [r for part in rows for r in part], world.step)
-    if videos is not None and epoch == 0:
-        world.logger.log_video("rollout/first", videos[0], world.step)
+    if batch.first_videos is not None and epoch == 0:
+        world.logger.log_video("rollout/first", batch.first_videos[0], world.step)
     if cfg.checkpoint.every and (world.epoch % cfg.checkpoint.every == 0 or last):
         save(world)
     return metrics
