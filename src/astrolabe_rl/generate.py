@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from astrolabe_rl.models.families import Family, SamplerConfig, get_family
+from astrolabe_rl.models.text import read_prompt_file
 
 if TYPE_CHECKING:
     from astrolabe_rl.models import CausalWan
@@ -211,15 +212,12 @@ class Sample:
 
 
 def read_prompt_lines(args: argparse.Namespace) -> list[str]:
-    if args.prompts:
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise GenerateError(f"prompt file {path} does not exist")
-        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not lines:
-            raise GenerateError(f"prompt file {path} has no prompts (one per line)")
-        return lines
-    return [args.prompt]
+    if not args.prompts:
+        return [args.prompt]
+    try:
+        return read_prompt_file(args.prompts)
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
 
 
 def video_paths(out: str | None, samples: list[Sample]) -> list[Path | None]:

@@ -38,6 +38,17 @@ ORIGINAL_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 ORIGINAL_TOKENIZER_DIR = "google/umt5-xxl"
 
 
+def read_prompt_file(path: str | Path, what: str = "prompt file") -> list[str]:
+    """One prompt per non-empty line (stripped); errors name the file and say what is wrong."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what} {p} does not exist")
+    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{what} {p} has no prompts (one per line)")
+    return prompts
+
+
 class TextEncoder(Protocol):
     """Turns prompts into the DiT's text embeddings ``[B, text_len, text_dim]`` (zero rows after the prompt)."""
 

@@ -108,15 +108,9 @@ def _device_and_dtype(cfg: Config, ctx: dist.DistContext) -> tuple[torch.device,
 
 
 def _read_prompts(path: str | None, inline: list[str], what: str) -> list[str]:
-    if path is None:
-        return list(inline)
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"{what} file {p} does not exist")
-    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"{what} file {p} is empty (one prompt per line)")
-    return prompts
+    from astrolabe_rl.models.text import read_prompt_file
+
+    return list(inline) if path is None else read_prompt_file(path, f"{what} file")
 
 
 def build_model_io(
