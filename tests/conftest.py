@@ -13,6 +13,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convolutions gain nothing from threads, and OpenMP spin-waits make them crawl on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny() -> CausalWan:
     torch.manual_seed(1234)

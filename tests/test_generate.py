@@ -21,13 +21,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("av")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions gain nothing from threads, and OpenMP spin-waits make them crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: see conftest.one_thread
 
 
 # ------------------------------------------------------------------------------------------- scene schedules

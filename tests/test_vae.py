@@ -21,13 +21,7 @@ from astrolabe_rl.models.vae import (  # noqa: E402
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions gain nothing from threads, and OpenMP spin-waits make them crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
