@@ -1,0 +1,36 @@
+"""The toy world's rewards in the registry: ``toy_quality``, ``toy_motion``, ``toy_text`` and the ``toy_noise``
+monitor (definitions and rationale in `astrolabe_rl.toy.rewards`)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor
+
+from astrolabe_rl.rewards.base import FunctionReward, Reward, register_reward
+from astrolabe_rl.toy import rewards as toy
+
+
+def _wrap(name: str, fn: Callable[[Tensor, list[str]], Tensor], monitor: bool) -> Reward:
+    return FunctionReward(name=name, fn=fn, needs=frozenset({"video", "prompts"}), scale=(0.0, 1.0), monitor=monitor)
+
+
+@register_reward("toy_quality")
+def _quality(monitor: bool = False) -> Reward:
+    return _wrap("toy_quality", toy.quality, monitor)
+
+
+@register_reward("toy_motion")
+def _motion(monitor: bool = False) -> Reward:
+    return _wrap("toy_motion", toy.motion, monitor)
+
+
+@register_reward("toy_text")
+def _text(monitor: bool = False) -> Reward:
+    return _wrap("toy_text", toy.text_alignment, monitor)
+
+
+@register_reward("toy_noise")
+def _noise(monitor: bool = True) -> Reward:
+    return FunctionReward(name="toy_noise", fn=toy.noise_level, needs=frozenset({"video"}), scale=(0.0, 0.1),
+                          monitor=monitor)

@@ -1,0 +1,175 @@
+"""Toy rewards on the paper's three axes, each a function of the decoded video (and the prompt), plus the monitor
+that exposes the hack.
+
+Every function maps videos ``[B, T, 3, H, W]`` in [0, 1] (H = W = 32, the world's size) and grammar prompts to
+``[B]`` float32, higher is better, in [0, 1]:
+
+| reward        | axis            | measures                                                                         |
+|---------------|-----------------|----------------------------------------------------------------------------------|
+| toy_quality   | visual quality  | edge sharpness: variance of the luma Laplacian, S/(S + S₀). **Hackable**: noise  |
+|               |                 | raises it as much as crisp edges do, like a learned aesthetic score's blind spot |
+| toy_motion    | motion quality  | the object's per-frame centroid steps against the prompt's velocity (direction   |
+|               |                 | and speed); jitter and frames where the object vanishes cost as well             |
+| toy_text      | text alignment  | ½·colour match (mean object colour vs the prompt's) + ½·shape match (softmax    |
+|               |                 | over the IoUs of every shape × size template at the object's centroid)          |
+| toy_noise     | hack monitor    | robust pixel-noise estimate on the background (median |Laplacian|); the world's  |
+|               |                 | own renders score ≈ 0.01; a model that buys sharpness with noise drives it up    |
+
+The object is found the way the world is built: it is the only saturated thing in the frame (the background is
+grey with a faint tint), so a soft chroma threshold is its mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from astrolabe_rl.toy.world import SHAPES, SIZES, WORLD, parse_prompt, shape_alpha
+
+_LUMA = (0.299, 0.587, 0.114)
+_LAPLACE = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
+SHARPNESS_REF = 0.001  # S₀: about the median Laplacian variance of the world's own renders (quality ≈ ½ there)
+CHROMA_LO, CHROMA_HI = 0.20, 0.45  # mask ramp: background chroma ≤ 0.06, object colours ≥ 0.58
+COLOUR_TOL = 0.2  # RGB distance scale of the colour match
+MOTION_TOL = 1.0  # pixels: a centroid step this far off the prompt's velocity scores e^(-1/2) per step
+MISSING_STEP = 4.0  # squared pixel error charged for a step where the object is missing in either frame
+SHAPE_TEMP = 0.05  # softmax temperature over template IoUs (clean renders: IoU ≈ 0.9 vs ≤ 0.79 for the rest)
+PRESENT = 0.3  # a frame shows the object when its mask holds ≥ this share of the expected area
+
+
+def _check(videos: Tensor, prompts: list[str]) -> None:
+    if videos.dim() != 5 or videos.shape[2] != 3:
+        raise ValueError(f"toy rewards take videos [B, T, 3, H, W]; got {tuple(videos.shape)}")
+    if videos.shape[-2:] != (WORLD.size, WORLD.size):
+        raise ValueError(f"toy rewards score {WORLD.size}×{WORLD.size} toy-world videos; got {tuple(videos.shape[-2:])}")
+    if len(prompts) != videos.shape[0]:
+        raise ValueError(f"{len(prompts)} prompts for {videos.shape[0]} videos")
+
+
+def _laplacian(videos: Tensor) -> Tensor:
+    """Luma Laplacian ``[B, T, H-2, W-2]`` ('valid' borders, so the frame edge is not an edge)."""
+    b, t, _, h, w = videos.shape
+    y = torch.einsum("btchw,c->bthw", videos.float(), torch.tensor(_LUMA, device=videos.device))
+    k = torch.tensor(_LAPLACE, device=videos.device).view(1, 1, 3, 3)
+    return F.conv2d(y.reshape(b * t, 1, h, w), k).view(b, t, h - 2, w - 2)
+
+
+def object_mask(videos: Tensor) -> Tensor:
+    """Soft object mask ``[B, T, H, W]`` in [0, 1] from chroma (max − min of RGB)."""
+    v = videos.float()
+    chroma = v.amax(dim=2) - v.amin(dim=2)
+    return ((chroma - CHROMA_LO) / (CHROMA_HI - CHROMA_LO)).clamp(0, 1)
+
+
+def _centroids(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Mask mass ``[B, T]`` and centroid ``[B, T, 2]`` (x, y in pixel-centre coordinates, NaN-free)."""
+    h, w = mask.shape[-2:]
+    ys = torch.arange(h, dtype=torch.float32, device=mask.device) + 0.5
+    xs = torch.arange(w, dtype=torch.float32, device=mask.device) + 0.5
+    mass = mask.sum(dim=(-2, -1))
+    cx = (mask.sum(dim=-2) * xs).sum(-1) / mass.clamp_min(1e-6)
+    cy = (mask.sum(dim=-1) * ys).sum(-1) / mass.clamp_min(1e-6)
+    return mass, torch.stack([cx, cy], dim=-1)
+
+
+def _templates(shape_ids: Tensor, radius: Tensor, centres: Tensor, size: int) -> Tensor:
+    """Shapes ``[B]`` of radius ``[B]`` drawn at ``centres [B, T, 2]``: ``[B, T, H, W]`` coverage."""
+    b, t = centres.shape[:2]
+    alpha = shape_alpha(shape_ids.repeat_interleave(t), centres.reshape(b * t, 2).double().cpu(),
+                        radius.double().repeat_interleave(t), size)
+    return alpha.view(b, t, size, size).float().to(centres.device)
+
+
+def _soft_iou(mask: Tensor, tmpl: Tensor) -> Tensor:
+    """Soft IoU per frame: ``[B, T, H, W]`` x2 -> ``[B, T]``."""
+    inter = torch.minimum(mask, tmpl).sum(dim=(-2, -1))
+    return inter / torch.maximum(mask, tmpl).sum(dim=(-2, -1)).clamp_min(1e-6)
+
+
+def sharpness(videos: Tensor) -> Tensor:
+    """Variance of the luma Laplacian per frame, mean over frames: ``[B]`` (blur lowers it, noise raises it)."""
+    return _laplacian(videos).flatten(2).var(dim=2, correction=0).mean(dim=1)
+
+
+def quality(videos: Tensor, prompts: list[str]) -> Tensor:
+    """Visual quality ``S / (S + S₀)`` of the sharpness S: ``[B]`` in [0, 1). Hackable by noise."""
+    _check(videos, prompts)
+    s = sharpness(videos)
+    return s / (s + SHARPNESS_REF)
+
+
+def noise_level(videos: Tensor, prompts: list[str]) -> Tensor:
+    """Hack monitor: robust noise std on the background, median |Laplacian| / (0.6745·√20): ``[B]``.
+
+    For i.i.d. Gaussian pixel noise of std s the 4-neighbour Laplacian has std s·√20 and its median absolute
+    value is 0.6745 of that; object pixels (and the one-pixel ring around them) are left out, so sharp edges do
+    not count, only texture that the world never draws.
+    """
+    _check(videos, prompts)
+    lap = _laplacian(videos).abs()
+    near_object = F.max_pool2d(object_mask(videos).flatten(0, 1)[:, None], 3, stride=1, padding=1)
+    background = near_object.view_as(object_mask(videos))[..., 1:-1, 1:-1] < 0.05
+    values = torch.where(background, lap, torch.nan).flatten(1)
+    med = torch.nanmedian(values, dim=1).values
+    return (torch.nan_to_num(med, nan=0.0) / (0.6745 * math.sqrt(20.0))).float()
+
+
+def motion(videos: Tensor, prompts: list[str]) -> Tensor:
+    """Motion quality ``exp(−mean_t e_t / (2·tol²))``: ``[B]`` in (0, 1].
+
+    e_t = ‖(c_{t+1} − c_t) − v‖², the squared error of the centroid step against the prompt's velocity v
+    (pixels per frame; direction and speed at once, so a frozen, reversed, slow or jittery object all lose);
+    a step where the object is missing from either frame costs `MISSING_STEP`.
+    """
+    _check(videos, prompts)
+    mask = object_mask(videos)
+    mass, centre = _centroids(mask)
+    specs = [parse_prompt(p) for p in prompts]
+    shape_ids = torch.tensor([SHAPES.index(s.shape) for s in specs])
+    radius = torch.tensor([s.radius for s in specs])
+    expected = _templates(shape_ids, radius, torch.full_like(centre, WORLD.size / 2), WORLD.size).sum(dim=(-2, -1))
+    present = mass >= PRESENT * expected
+    vel = torch.tensor([s.velocity for s in specs], dtype=torch.float32, device=videos.device)
+    err = ((centre[:, 1:] - centre[:, :-1]) - vel[:, None]).square().sum(-1)  # [B, T-1]
+    err = torch.where(present[:, 1:] & present[:, :-1], err, torch.full_like(err, MISSING_STEP))
+    return torch.exp(-err.mean(dim=1) / (2 * MOTION_TOL**2))
+
+
+def shape_probability(mask: Tensor, prompts: list[str]) -> Tensor:
+    """How surely the object is the prompt's shape *and* size: ``[B]`` in [0, 1].
+
+    Per frame, every (shape, size) template of the grammar is drawn at the mask's centroid and compared with the
+    mask by soft IoU; a softmax over the six IoUs (temperature `SHAPE_TEMP`) gives the prompted one's
+    probability, like a classifier's. Averaged over frames; a frame without the object scores 0.
+    """
+    mass, centre = _centroids(mask)
+    classes = [(i, r) for i in range(len(SHAPES)) for r in SIZES.values()]
+    b = mask.shape[0]
+    ious = torch.stack([
+        _soft_iou(mask, _templates(torch.full((b,), i), torch.full((b,), r), centre, WORLD.size)) for i, r in classes
+    ], dim=-1)  # [B, T, classes]
+    prob = torch.softmax(ious / SHAPE_TEMP, dim=-1)
+    specs = [parse_prompt(p) for p in prompts]
+    target = torch.tensor([classes.index((SHAPES.index(s.shape), s.radius)) for s in specs], device=mask.device)
+    p = prob.gather(-1, target[:, None, None].expand(-1, prob.shape[1], 1))[..., 0]
+    return torch.where(mass > 1.0, p, torch.zeros_like(p)).mean(dim=1)
+
+
+def text_alignment(videos: Tensor, prompts: list[str]) -> Tensor:
+    """Text alignment ½·colour + ½·shape: ``[B]`` in [0, 1].
+
+    colour: ``exp(−‖c̄ − c*‖² / (2·tol²))`` for the mask-weighted mean colour c̄ of the whole clip and the prompt's
+    colour c* (0 without an object); shape: `shape_probability` (shape and size words).
+    """
+    _check(videos, prompts)
+    v = videos.float()
+    mask = object_mask(v)
+    weight = mask[:, :, None]  # [B, T, 1, H, W]
+    mean_rgb = (weight * v).sum(dim=(1, 3, 4)) / weight.sum(dim=(1, 3, 4)).clamp_min(1e-6)  # [B, 3]
+    target = torch.tensor([parse_prompt(p).rgb for p in prompts], dtype=torch.float32, device=v.device)
+    colour = torch.exp(-(mean_rgb - target).square().sum(-1) / (2 * COLOUR_TOL**2))
+    colour = torch.where(mask.sum(dim=(1, 2, 3)) > 1.0, colour, torch.zeros_like(colour))
+    return 0.5 * colour + 0.5 * shape_probability(mask, prompts)

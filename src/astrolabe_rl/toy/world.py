@@ -1,0 +1,236 @@
+"""The toy world: procedurally rendered videos of one moving object over a textured background, with prompts.
+
+A prompt comes from a small grammar (DESIGN §4), nine words, one slot per attribute:
+
+    a {size} {colour} {shape} moving {direction} {speed} over {background}
+    "a large red circle moving left quickly over stripes"
+
+Everything else (a jitter of ±1 px along and ±1.5 px across the path, the background pattern's phase and a
+faint tint) is drawn from the video's seed; the background word fixes the texture's pattern, grey level and
+contrast. So ``render(prompts, seeds)`` is a pure function: the same (prompt, seed) gives the same video, whatever
+batch it is rendered in.
+
+Geometry (pixels, frames): ``size`` × ``size`` frames (32), ``frames`` frames per clip (9), one pixel frame per
+latent frame (see `toy.vae` for why the temporal stride is 1). The object is a flat saturated colour; the
+background a smooth grey texture of low saturation, so a saturation threshold separates them (the toy rewards rely
+on it). The object moves at a constant ``speed`` px/frame along ``direction`` on a path centred in the frame
+(± a pixel or two), fully inside it.
+
+Frames are quantised to the dyadic grid ``k / 1024``: the toy VAE's affine map is then exact in float32 and the
+rendered set is exactly representable (``decode(encode(x)) == x``).
+
+Splits: the held-out split is every prompt whose (colour, shape) pair is in `HELD_OUT_PAIRS`; each word still
+occurs in training, so held-out prompts test composition, not vocabulary.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------------------- grammar
+
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (0.90, 0.16, 0.14),
+    "green": (0.16, 0.74, 0.20),
+    "blue": (0.16, 0.30, 0.94),
+    "yellow": (0.94, 0.84, 0.10),
+    "magenta": (0.86, 0.18, 0.84),
+    "cyan": (0.10, 0.80, 0.86),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+SIZES: dict[str, float] = {"small": 4.0, "large": 6.0}  # radius-like scale in pixels (see `shape_alpha`)
+DIRECTIONS: dict[str, tuple[float, float]] = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0),
+                                               "down": (0.0, 1.0)}  # (dx, dy), image y points down
+SPEEDS: dict[str, float] = {"slowly": 1.0, "quickly": 2.0}  # pixels per frame
+BACKGROUNDS: tuple[str, ...] = ("stripes", "checks", "ripples")
+HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (("red", "triangle"), ("green", "circle"), ("blue", "square"),
+                                               ("yellow", "triangle"))
+TEMPLATE = "a {size} {colour} {shape} moving {direction} {speed} over {background}"
+PROMPT_WORDS = 9
+JITTER_ALONG, JITTER_ACROSS = 1.0, 1.5  # start-position jitter (pixels) along and across the motion
+QUANT = 1024  # frames are multiples of 1/QUANT (exactly representable through the toy VAE)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The attributes a prompt names."""
+
+    size: str
+    colour: str
+    shape: str
+    direction: str
+    speed: str
+    background: str
+
+    @property
+    def prompt(self) -> str:
+        return TEMPLATE.format(**self.__dict__)
+
+    @property
+    def radius(self) -> float:
+        return SIZES[self.size]
+
+    @property
+    def velocity(self) -> tuple[float, float]:
+        """Pixels per frame ``(dx, dy)``."""
+        dx, dy = DIRECTIONS[self.direction]
+        return dx * SPEEDS[self.speed], dy * SPEEDS[self.speed]
+
+    @property
+    def rgb(self) -> tuple[float, float, float]:
+        return COLOURS[self.colour]
+
+
+_SLOTS = (("size", SIZES), ("colour", COLOURS), ("shape", SHAPES), ("direction", DIRECTIONS), ("speed", SPEEDS),
+          ("background", BACKGROUNDS))
+
+
+def vocabulary() -> list[str]:
+    """Every word the grammar can produce, in a fixed order (the toy text encoder's table rows)."""
+    words = ["a", "moving", "over"]
+    for _, options in _SLOTS:
+        words.extend(options)
+    return words
+
+
+def parse_prompt(prompt: str) -> Spec:
+    """Read a grammar prompt back into its `Spec`; raises a ValueError naming the first word that does not fit."""
+    words = prompt.lower().split()
+    form = TEMPLATE.split()
+    if len(words) != len(form):
+        raise ValueError(f"toy prompt {prompt!r} has {len(words)} words; the grammar is {TEMPLATE!r}")
+    values = {}
+    for word, slot in zip(words, form):
+        if slot.startswith("{"):
+            name = slot[1:-1]
+            options = dict(_SLOTS)[name]
+            if word not in options:
+                raise ValueError(f"toy prompt {prompt!r}: {word!r} is not a {name} (one of {', '.join(options)})")
+            values[name] = word
+        elif word != slot:
+            raise ValueError(f"toy prompt {prompt!r}: expected {slot!r} where it says {word!r} ({TEMPLATE!r})")
+    return Spec(**values)
+
+
+def all_specs() -> list[Spec]:
+    """Every prompt of the grammar (2·6·3·4·2·3 = 864), in a fixed order."""
+    return [Spec(*combo) for combo in itertools.product(*(list(options) for _, options in _SLOTS))]
+
+
+def split(name: str) -> list[str]:
+    """``"train"`` (672 prompts) or ``"held_out"`` (192: the colour-shape pairs of `HELD_OUT_PAIRS`)."""
+    if name not in ("train", "held_out"):
+        raise ValueError(f"unknown split {name!r}; use 'train' or 'held_out'")
+    held = set(HELD_OUT_PAIRS)
+    return [s.prompt for s in all_specs() if ((s.colour, s.shape) in held) == (name == "held_out")]
+
+
+def eval_prompts(n: int = 12) -> list[str]:
+    """A fixed, balanced subset of the held-out split: ``n`` prompts spread evenly over it."""
+    held = split("held_out")
+    if not 1 <= n <= len(held):
+        raise ValueError(f"n must be in [1, {len(held)}]; got {n}")
+    stride = len(held) / n
+    # an odd offset walks through every slot's values instead of repeating the first directions
+    return [held[(int(i * stride) + 7 * i) % len(held)] for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------------- render
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Clip geometry: ``size`` × ``size`` pixels, ``frames`` frames."""
+
+    size: int = 32
+    frames: int = 9
+
+
+WORLD = WorldConfig()
+
+
+def shape_alpha(shape_ids: Tensor, centre: Tensor, radius: Tensor, size: int) -> Tensor:
+    """Anti-aliased coverage of each object: ``[N]`` shape index, ``[N, 2]`` centre (x, y), ``[N]`` radius -> ``[N, size, size]``.
+
+    Signed distances in pixels (1-pixel soft edge): a circle of radius r, a square of half-side r, an upward
+    equilateral triangle of inradius 0.6·r (its centroid is the centre, like the others'). Centred on each other,
+    any two differ by IoU ≤ 0.79, so the shape stays readable after some blur.
+    """
+    coords = torch.arange(size, dtype=torch.float64) + 0.5
+    x = coords[None, None, :] - centre[:, 0, None, None]
+    y = coords[None, :, None] - centre[:, 1, None, None]
+    r = radius[:, None, None]
+    circle = torch.sqrt(x**2 + y**2) - r
+    square = torch.maximum(x.abs(), y.abs()) - r
+    c, s = math.cos(math.pi / 6), math.sin(math.pi / 6)
+    triangle = torch.maximum(torch.maximum(y, c * x - s * y), -c * x - s * y) - 0.6 * r
+    d = torch.where(shape_ids[:, None, None] == 0, circle, torch.where(shape_ids[:, None, None] == 1, square, triangle))
+    return (0.5 - d).clamp(0, 1)
+
+
+def _background(kind: int, g: torch.Generator, size: int) -> Tensor:
+    """A smooth, low-saturation grey texture ``[3, size, size]`` (wavelength 12 px, so its Laplacian is small).
+
+    The prompt's background word fixes the pattern, its grey level and contrast; the seed only shifts the pattern
+    (its phase, the stripes' angle, the ripples' centre) and tints it faintly. A texture that the prompt nearly
+    determines keeps the world learnable by a tiny model in minutes, while still being texture a model can blur.
+    """
+    u = lambda lo, hi: lo + (hi - lo) * float(torch.rand((), generator=g, dtype=torch.float64))  # noqa: E731
+    coords = torch.arange(size, dtype=torch.float64) + 0.5
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    k, phase = 2 * math.pi / 12.0, u(0.0, 2 * math.pi)
+    if kind == 0:  # diagonal stripes
+        a = u(0.6, 1.0)
+        pattern = torch.sin(k * (x * math.cos(a) + y * math.sin(a)) + phase)
+    elif kind == 1:  # soft checks
+        pattern = torch.sin(k * x + phase) * torch.sin(k * y + u(0.0, 2 * math.pi))
+    else:  # ripples around a centre near the middle
+        cx, cy = u(12.0, 20.0), u(12.0, 20.0)
+        pattern = torch.sin(k * torch.sqrt((x - cx) ** 2 + (y - cy) ** 2) + phase)
+    grey = (0.40, 0.50, 0.45)[kind] + 0.06 * pattern
+    tint = torch.tensor([u(-0.02, 0.02), 0.0, u(-0.02, 0.02)], dtype=torch.float64)
+    return (grey[None] + tint[:, None, None]).clamp(0, 1)
+
+
+def _start(spec: Spec, g: torch.Generator, world: WorldConfig) -> tuple[float, float]:
+    """The start centre: the trajectory centred in the frame, jittered by ±`JITTER_ALONG` px along the motion and
+    ±`JITTER_ACROSS` px across it. The prompt nearly fixes the path, so the conditional mean a flow model learns
+    is a recognisable, blurred object (the imperfect base a distilled model is), not a smear over the frame."""
+    out = []
+    for v in spec.velocity:
+        centre = world.size / 2 - v * (world.frames - 1) / 2
+        jitter = JITTER_ALONG if v else JITTER_ACROSS
+        out.append(centre + jitter * (2 * float(torch.rand((), generator=g, dtype=torch.float64)) - 1))
+    return out[0], out[1]
+
+
+def render(prompts: list[str], seeds: list[int], world: WorldConfig = WORLD) -> Tensor:
+    """The world's videos ``[B, T, 3, H, W]`` in [0, 1] (float32, multiples of 1/1024) for grammar prompts.
+
+    Video b depends only on ``(prompts[b], seeds[b])``.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per video")
+    specs = [parse_prompt(p) for p in prompts]
+    backgrounds, starts = [], []
+    for spec, seed in zip(specs, seeds):
+        g = torch.Generator().manual_seed(int(seed))
+        starts.append(_start(spec, g, world))
+        backgrounds.append(_background(BACKGROUNDS.index(spec.background), g, world.size))
+    b, t = len(specs), world.frames
+    steps = torch.arange(t, dtype=torch.float64)
+    start = torch.tensor(starts, dtype=torch.float64)  # [B, 2]
+    vel = torch.tensor([s.velocity for s in specs], dtype=torch.float64)
+    centres = start[:, None] + steps[None, :, None] * vel[:, None]  # [B, T, 2]
+    shape_ids = torch.tensor([SHAPES.index(s.shape) for s in specs]).repeat_interleave(t)
+    radius = torch.tensor([s.radius for s in specs], dtype=torch.float64).repeat_interleave(t)
+    alpha = shape_alpha(shape_ids, centres.reshape(b * t, 2), radius, world.size).view(b, t, 1, world.size, world.size)
+    colour = torch.tensor([s.rgb for s in specs], dtype=torch.float64)[:, None, :, None, None]
+    bg = torch.stack(backgrounds)[:, None]  # [B, 1, 3, H, W]
+    video = alpha * colour + (1 - alpha) * bg
+    return (torch.round(video * QUANT) / QUANT).float()
