@@ -27,7 +27,7 @@ def _f(default: Any, doc: str, **kw: Any) -> Any:
 @dataclass
 class ModelConfig:
     family: str = _f("tiny", "model family preset (astrolabe_rl.models.FAMILIES): self_forcing, longlive, tiny, ...")
-    checkpoint: str | None = _f(None, "path of the family's official checkpoint (.pt / .safetensors); None = random init (tiny only)")
+    checkpoint: str | None = _f(None, "path of the family's official checkpoint (.pt / .safetensors); None = random init (tiny) or the shipped weights (toy)")
     wan_dir: str | None = _f(None, "Wan2.1-T2V-1.3B folder (umT5 encoder + tokenizer + VAE) for real models")
     lora: str | None = _f(None, "LoRA merged into the base before training (LongLive's lora.pt)")
     init_seed: int = _f(0, "seed of random weights (tiny model) and of the tiny text encoder / VAE")
@@ -35,7 +35,7 @@ class ModelConfig:
     device: str = _f("auto", "auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")
     attn_backend: str = _f("auto", "attention kernel: auto, sdpa, flex")
     gradient_checkpointing: bool = _f(True, "recompute each DiT block in backward (saves activation memory)")
-    vae: str = _f("auto", "decoder for rewards: auto (Wan VAE for real models, tiny random Wan VAE for tiny), wan, tiny")
+    vae: str = _f("auto", "decoder for rewards: auto (Wan VAE for real models, tiny random Wan VAE for tiny, the exact toy VAE for toy), wan, tiny, toy")
 
 
 @dataclass
@@ -163,7 +163,7 @@ CRITICAL_KEYS = (
 _CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16"),
     "model.attn_backend": ("auto", "sdpa", "flex"),
-    "model.vae": ("auto", "wan", "tiny"),
+    "model.vae": ("auto", "wan", "tiny", "toy"),
     "rewards.combine": ("raw", "group_z"),
     "rewards.on_error": ("drop", "zero", "abort"),
     "train.adv_std": ("global", "group"),
@@ -288,7 +288,7 @@ def validate(cfg: Config) -> None:
         close = difflib.get_close_matches(cfg.model.family, FAMILIES, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"model.family={cfg.model.family!r} is unknown{hint} (choose from {', '.join(FAMILIES)})")
-    if cfg.model.family != "tiny" and (cfg.model.checkpoint is None or cfg.model.wan_dir is None):
+    if cfg.model.family not in ("tiny", "toy") and (cfg.model.checkpoint is None or cfg.model.wan_dir is None):
         raise ValueError(
             f"model.family={cfg.model.family!r} needs model.checkpoint (the official weights) and model.wan_dir "
             "(the Wan2.1-T2V-1.3B folder with the umT5 encoder and the VAE)"

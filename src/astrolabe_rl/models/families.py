@@ -80,6 +80,19 @@ class Family:
 
 _SF = SamplerConfig(self_forcing_steps())
 
+
+def toy_wan_config() -> WanConfig:
+    """The shipped toy model (`astrolabe_rl.toy`): 4 layers, width 256, on 8×8×48 toy-VAE latents.
+
+    Its 2×2 patches of 48 channels make 192-wide tokens; the residual stream is wider (as Wan's 1536 is to its
+    64-wide patches) because the velocity head must reproduce the input noise almost exactly at σ ≈ 1: at width
+    192 that copy plateaued and the 4-step samples stayed noisy. Text: the toy encoder's 10 × 32 embeddings.
+    """
+    from astrolabe_rl.toy import text, vae
+
+    return WanConfig(dim=256, ffn_dim=512, num_heads=4, num_layers=4, freq_dim=128, text_dim=text.TEXT_DIM,
+                     text_len=text.TEXT_LEN, in_dim=vae.CHANNELS, out_dim=vae.CHANNELS)
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -104,6 +117,8 @@ FAMILIES: dict[str, Family] = {
                description="Krea Realtime 14B (Self-Forcing on Wan2.1-14B)"),
         Family("tiny", WanConfig.tiny(), _SF, latent_hw=(8, 8), horizon_frames=9,
                description="a 2-layer random-weight model for CPU smoke tests"),
+        Family("toy", toy_wan_config(), _SF, latent_hw=(8, 8), horizon_frames=9,
+               description="the shipped toy-world model (astrolabe demo): 32×32 pixels, 9 frames, 4 steps"),
     )
 }
 

@@ -116,20 +116,31 @@ def _read_prompts(path: str | None, inline: list[str], what: str) -> list[str]:
 def build_model_io(
     cfg: Config, family: Family, device: torch.device, dtype: torch.dtype
 ) -> tuple[CausalWan, Callable[[list[str]], Tensor], Callable[[Tensor], Tensor]]:
-    """The base DiT, the text encoder and the decoder for this family (tiny: random weights from init_seed)."""
+    """The base DiT, the text encoder and the decoder for this family (tiny: random weights from init_seed; toy:
+    the shipped toy-world weights, word table and exact toy VAE)."""
     from astrolabe_rl.models import loading, text, vae
 
     if family.name == "tiny":
         torch.manual_seed(cfg.model.init_seed)
         model = CausalWan(family.model)
         encoder = text.HashTextEncoder(family.model.text_dim, family.model.text_len, seed=cfg.model.init_seed)
+    elif family.name == "toy":  # the shipped toy-world model (or cfg.model.checkpoint) and its word table
+        from astrolabe_rl.toy.model import load_toy_model
+        from astrolabe_rl.toy.text import ToyTextEncoder
+
+        model = load_toy_model(cfg.model.checkpoint)
+        encoder = ToyTextEncoder()
     else:
         model = loading.load_causal_wan(cfg.model.checkpoint, family.model, key=family.checkpoint_key,
                                         lora=cfg.model.lora, device=device, dtype=dtype)
         encoder = text.load_umt5(cfg.model.wan_dir, device=device, dtype=dtype)
     model = model.to(device, dtype)
-    kind = cfg.model.vae if cfg.model.vae != "auto" else ("tiny" if family.name == "tiny" else "wan")
-    if kind == "tiny":
+    kind = cfg.model.vae if cfg.model.vae != "auto" else {"tiny": "tiny", "toy": "toy"}.get(family.name, "wan")
+    if kind == "toy":
+        from astrolabe_rl.toy import vae as toy_vae
+
+        decode = toy_vae.decode
+    elif kind == "tiny":
         decode = vae.WanVAE(vae.random_vae(vae.tiny_vae_config(), seed=cfg.model.init_seed).to(device)).decode
     else:
         decode = vae.load_vae(cfg.model.wan_dir, device=device, dtype=dtype).decode

@@ -1,0 +1,46 @@
+"""The shipped toy DiT: where its weights live, how they are saved and loaded.
+
+The geometry is the ``toy`` family preset (`models.families.toy_wan_config`); the weights are a plain
+safetensors state dict with the original Wan key names, stored in float16 and loaded into float32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from astrolabe_rl.models.families import get_family
+from astrolabe_rl.models.wan import CausalWan
+
+WEIGHTS = Path(__file__).resolve().parent / "weights" / "toy.safetensors"
+
+
+def save_weights(model: CausalWan, path: str | Path) -> Path:
+    """Write the model's state dict as float16 safetensors (``path``'s folder is created)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, path, metadata={"format": "wan-original", "family": "toy"})
+    return path
+
+
+def load_toy_model(path: str | Path | None = None, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> CausalWan:
+    """The toy CausalWan with the shipped (or given) weights, in eval mode, every parameter frozen."""
+    from safetensors.torch import load_file
+
+    path = WEIGHTS if path is None else Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"toy weights {path} are missing: reinstall the package, or rebuild them with "
+            "`python -m astrolabe_rl.toy.pretrain` (about 20 minutes on 2 CPU cores)"
+        )
+    model = CausalWan(get_family("toy").model)
+    state = load_file(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} is not a toy-model state dict: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.to(device, dtype).eval().requires_grad_(False)
