@@ -70,12 +70,14 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="astrolabe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    add_generate_parser(sub)
     # each command's parser lives next to its code; the heavy imports happen only when it runs
     from astrolabe_rl import evaluate
     from astrolabe_rl.rewards import remote
+    from astrolabe_rl.toy import demo
     from astrolabe_rl.train.commands import add_parsers as add_train_parsers
 
+    demo.add_parser(sub)
+    add_generate_parser(sub)
     add_train_parsers(sub)
     evaluate.add_parser(sub)
     remote.add_parser(sub)

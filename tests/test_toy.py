@@ -1,0 +1,242 @@
+"""The toy world: renderer, exact VAE, word table, rewards and their hack, shipped weights, pretraining, the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from astrolabe_rl.models.families import get_family
+from astrolabe_rl.rewards.base import available_rewards, build_reward
+from astrolabe_rl.toy import rewards as R
+from astrolabe_rl.toy import vae, world
+from astrolabe_rl.toy.model import WEIGHTS
+from astrolabe_rl.toy.text import ToyTextEncoder
+from astrolabe_rl.train.dist import shutdown
+
+PROMPTS = ["a large red circle moving right quickly over stripes", "a small blue triangle moving up slowly over checks",
+           "a large yellow square moving down slowly over ripples", "a small cyan circle moving left quickly over checks"]
+
+
+@pytest.fixture(scope="module")
+def clean() -> torch.Tensor:
+    return world.render(PROMPTS, [3, 4, 5, 6])
+
+
+# ------------------------------------------------------------------------------------------------ world
+
+
+def test_render_is_deterministic_and_independent_of_the_batch(clean):
+    assert clean.shape == (4, world.WORLD.frames, 3, world.WORLD.size, world.WORLD.size)
+    assert torch.equal(world.render(PROMPTS, [3, 4, 5, 6]), clean)
+    assert torch.equal(world.render(PROMPTS[2:3], [5])[0], clean[2])
+    assert not torch.equal(world.render(PROMPTS[:1], [4])[0], clean[0])  # the seed matters
+
+
+def test_rendered_object_has_the_prompted_colour_and_velocity(clean):
+    mass, centre = R._centroids(R.object_mask(clean))
+    for i, prompt in enumerate(PROMPTS):
+        spec = world.parse_prompt(prompt)
+        steps = centre[i, 1:] - centre[i, :-1]
+        torch.testing.assert_close(steps, torch.tensor(spec.velocity).expand_as(steps), atol=0.05, rtol=0)
+        inside = R.object_mask(clean)[i] > 0.99
+        core_rgb = clean[i].permute(1, 0, 2, 3)[:, inside].median(dim=1).values  # edge pixels are blended
+        torch.testing.assert_close(core_rgb, torch.tensor(spec.rgb), atol=1e-3, rtol=0)
+
+
+def test_splits_are_disjoint_compositional_and_cover_the_vocabulary():
+    train, held = world.split("train"), world.split("held_out")
+    assert len(train) + len(held) == len(world.all_specs()) and not set(train) & set(held)
+    held_pairs = {(s.colour, s.shape) for s in map(world.parse_prompt, held)}
+    assert held_pairs == set(world.HELD_OUT_PAIRS)
+    train_words = {w for p in train for w in p.split()}
+    assert train_words == set(world.vocabulary())  # every held-out word was seen in training
+    assert set(world.eval_prompts(12)) <= set(held) and len(set(world.eval_prompts(12))) == 12
+
+
+def test_parse_prompt_round_trips_and_names_the_bad_word():
+    spec = world.parse_prompt(PROMPTS[0])
+    assert spec.prompt == PROMPTS[0] and spec.velocity == (2.0, 0.0)
+    with pytest.raises(ValueError, match="'purple' is not a colour"):
+        world.parse_prompt("a large purple circle moving right quickly over stripes")
+    with pytest.raises(ValueError, match="words"):
+        world.parse_prompt("a red ball")
+
+
+# ------------------------------------------------------------------------------------------------ vae, text
+
+
+def test_toy_vae_round_trips_exactly(clean):
+    z = vae.encode(clean)
+    assert z.shape == (4, world.WORLD.frames, vae.CHANNELS, 8, 8)
+    assert torch.equal(vae.decode(z), clean)
+    assert torch.equal(vae.encode(vae.decode(z)), z)
+    assert 0.3 < float(z.std()) < 2.0  # roughly unit spread, like normalised Wan latents
+    assert vae.CHANNELS == get_family("toy").model.in_dim
+    with pytest.raises(ValueError, match="divisible"):
+        vae.encode(torch.zeros(1, 2, 3, 30, 30))
+
+
+def test_toy_text_encoder_is_a_fixed_word_table():
+    enc = ToyTextEncoder()
+    e = enc(PROMPTS[:2])
+    assert e.shape == (2, 10, 32)
+    assert torch.equal(e, ToyTextEncoder()(PROMPTS[:2]))
+    assert torch.equal(e[:, 9], torch.zeros(2, 32))  # padding rows are zero
+    assert torch.equal(e[0, 4], e[1, 4]) and not torch.equal(e[0, 3], e[1, 3])  # "moving"; "circle" ≠ "triangle"
+    with pytest.raises(ValueError, match="vocabulary"):
+        enc(["a corgi surfing"])
+
+
+# ------------------------------------------------------------------------------------------------ rewards
+
+
+def _blur(v: torch.Tensor) -> torch.Tensor:
+    b, t, c, h, w = v.shape
+    x = torch.nn.functional.pad(v.reshape(b * t, c, h, w), (1, 1, 1, 1), mode="replicate")
+    return torch.nn.functional.conv2d(x, torch.ones(c, 1, 3, 3) / 9, groups=c).view_as(v)
+
+
+def test_quality_prefers_sharp_and_is_fooled_by_noise(clean):
+    noisy = (clean + 0.05 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    q_clean, q_blur, q_noisy = (R.quality(v, PROMPTS) for v in (clean, _blur(clean), noisy))
+    assert (q_clean > q_blur).all()
+    assert (q_noisy > q_clean).all(), "the hackable reward should be fooled by noise"
+    n_clean, n_noisy = R.noise_level(clean, PROMPTS), R.noise_level(noisy, PROMPTS)
+    assert (n_clean < 0.015).all() and (n_noisy > 2 * n_clean + 0.01).all(), "the monitor must expose the hack"
+    # the other axes are not fooled: noise does not raise them
+    assert (R.motion(noisy, PROMPTS) <= R.motion(clean, PROMPTS) + 1e-6).all()
+    assert (R.text_alignment(noisy, PROMPTS) <= R.text_alignment(clean, PROMPTS) + 1e-6).all()
+
+
+def test_motion_prefers_the_prompted_motion(clean):
+    good = R.motion(clean, PROMPTS)
+    assert (good > 0.95).all()
+    for bad in (clean.flip(1), clean[:, :1].expand_as(clean), clean[:, [0, 2, 1, 3, 5, 4, 6, 8, 7]]):
+        assert (R.motion(bad, PROMPTS) < good - 0.1).all()
+
+
+def test_text_alignment_prefers_the_prompted_colour_and_shape(clean):
+    good = R.text_alignment(clean, PROMPTS)
+    seeds = [3, 4, 5, 6]
+    specs = [world.parse_prompt(p) for p in PROMPTS]
+    other_colour = {"red": "green", "blue": "magenta", "yellow": "cyan", "cyan": "red"}
+    other_shape = {"circle": "square", "triangle": "circle", "square": "triangle"}
+    recoloured = world.render([replace(s, colour=other_colour[s.colour]).prompt for s in specs], seeds)
+    reshaped = world.render([replace(s, shape=other_shape[s.shape]).prompt for s in specs], seeds)
+    assert (R.text_alignment(recoloured, PROMPTS) < good - 0.2).all()
+    assert (R.text_alignment(reshaped, PROMPTS) < good - 0.05).all()
+
+
+def test_toy_rewards_are_registered():
+    assert {"toy_quality", "toy_motion", "toy_text", "toy_noise"} <= set(available_rewards())
+    assert build_reward("toy_noise").monitor and not build_reward("toy_quality").monitor
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+needs_weights = pytest.mark.skipif(
+    not WEIGHTS.is_file(), reason="toy weights are not shipped yet: build them with python -m astrolabe_rl.toy.pretrain"
+)
+
+
+@needs_weights
+def test_shipped_weights_load_and_are_on_prompt():
+    from astrolabe_rl.models.wan import CausalWan
+    from astrolabe_rl.rollout import rollout
+    from astrolabe_rl.toy.model import WEIGHTS, load_toy_model
+
+    record = json.loads(WEIGHTS.with_suffix(".json").read_text())
+    assert {"seed", "steps", "val_loss", "model", "wall_s"} <= set(record)
+    assert record["model"] == json.loads(json.dumps(get_family("toy").model.to_dict()))  # the geometry it was built with
+    fam = get_family("toy")
+    prompts = world.eval_prompts(4)
+    text = ToyTextEncoder()(prompts)
+    torch.manual_seed(0)
+    scores = {}
+    for name, model in (("shipped", load_toy_model()), ("random", CausalWan(fam.model).eval())):
+        z = rollout(model, text, num_frames=9, latent_hw=fam.latent_hw, sampler=fam.sampler, seeds=0).latents
+        scores[name] = R.text_alignment(vae.decode(z), prompts).mean() + R.motion(vae.decode(z), prompts).mean()
+    assert scores["shipped"] > scores["random"] + 0.5
+
+
+def test_pretrain_script_runs_a_few_steps(tmp_path):
+    from astrolabe_rl.toy import pretrain
+    from astrolabe_rl.toy.model import load_toy_model
+
+    out = tmp_path / "toy.safetensors"
+    assert pretrain.main(["--steps", "2", "--batch", "2", "--out", str(out)]) == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["steps"] == 2 and record["val_loss"] > 0
+    load_toy_model(out)
+
+
+def test_interrupted_pretraining_resumes_bit_exactly(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from astrolabe_rl.toy import pretrain
+
+    args = dict(steps=3, batch=2, lr=1e-3, warmup=2, weight_decay=0.01, ema=0.9, seed=1, save_every=2)
+    pretrain.pretrain(**args, out=tmp_path / "full.safetensors")
+    real, calls = pretrain.flow_loss, []
+
+    def dies_at_step_three(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(pretrain, "flow_loss", dies_at_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.pretrain(**args, out=tmp_path / "cut.safetensors")
+    assert (tmp_path / "cut.state.pt").is_file()
+    monkeypatch.setattr(pretrain, "flow_loss", real)
+    pretrain.pretrain(**args, out=tmp_path / "cut.safetensors")
+    a, b = load_file(tmp_path / "full.safetensors"), load_file(tmp_path / "cut.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a) and not (tmp_path / "cut.state.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------------ demo
+
+
+def test_demo_parser_registers_the_flags():
+    from astrolabe_rl.toy.demo import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["demo", "--quick", "--epochs", "3", "--out", "x", "--seed", "2", "train.lr=1e-4"])
+    assert (args.quick, args.epochs, args.out, args.seed, args.overrides) == (True, 3, "x", 2, ["train.lr=1e-4"])
+    assert args.func.__name__ == "cmd_demo"
+
+
+@pytest.fixture
+def _single_process():
+    yield
+    shutdown()
+
+
+@needs_weights
+def test_reduced_quick_demo_raises_the_held_out_reward(tmp_path, _single_process):
+    """The smallest `--quick` demo: the held-out reward at fixed seeds, evaluated every epoch, trends up."""
+    from astrolabe_rl.toy.demo import run_demo
+
+    epochs = 6
+    summary = run_demo(tmp_path, quick=True, epochs=epochs, progress=False, overrides=[
+        "rollout.prompts_per_epoch=4", "rollout.candidates=4", "eval.every=1",
+        f"data.eval_inline={json.dumps(world.eval_prompts(4))}",
+    ])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    curve = torch.tensor([r["eval/reward/total"] for r in rows])
+    assert curve.numel() == epochs
+    slope = torch.linalg.lstsq(torch.stack([torch.arange(epochs, dtype=torch.float32), torch.ones(epochs)], 1),
+                               curve[:, None]).solution[0, 0]
+    assert slope > 0 and curve[-2:].mean() > curve[:2].mean(), f"held-out reward did not rise: {curve.tolist()}"
+    total = summary["rewards"]["total"]
+    assert total["after"] > total["before"] + total["delta_se"], total
+    for name in ("before.mp4", "after.mp4", "real.mp4", "curves.png", "summary.json"):
+        assert (tmp_path / name).is_file(), name
+    assert summary["kl_max"] is not None and summary["kl_max"] < 1.0
