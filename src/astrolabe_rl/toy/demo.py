@@ -1,7 +1,7 @@
 """``astrolabe demo``: align the shipped toy model with the Astrolabe recipe on a CPU, and show that it worked.
 
-    astrolabe demo                      # ≈ 10 minutes on 2 CPU cores
-    astrolabe demo --quick              # ≈ 3 minutes
+    astrolabe demo                      # ≈ 6 minutes on 2 CPU cores
+    astrolabe demo --quick              # ≈ 1.5 minutes
     python -m astrolabe_rl.toy.demo --quick --out runs/demo-quick
 
 What runs: the toy family (`astrolabe_rl.toy`) through the real recipe (`train.recipe.setup` + `run_epoch`: NFT
@@ -244,7 +244,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register ``demo`` on an ``astrolabe`` sub-command parser."""
     p = subparsers.add_parser("demo", help="align the shipped toy model on a CPU and show before/after",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the ≈3-minute version (fewer prompts, epochs, eval seeds)")
+    p.add_argument("--quick", action="store_true",
+                   help="the ≈1.5-minute version (fewer prompts, epochs, held-out prompts and seeds)")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (full 60, quick 24)")
     p.add_argument("--out", default="runs/demo", help="output folder (grids, curves, summary, the run)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts, noise and σ draws")

@@ -1,6 +1,6 @@
 """Pretrain the shipped toy model: flow matching with block-causal teacher forcing on the toy world.
 
-    python -m astrolabe_rl.toy.pretrain                       # reproduces weights/toy.safetensors (2 CPU cores, ~20 min)
+    python -m astrolabe_rl.toy.pretrain                       # rebuilds weights/toy.safetensors (2 CPU cores, ~20 min)
     python -m astrolabe_rl.toy.pretrain --steps 5 --out /tmp/toy.safetensors    # smoke
 
 One step (DESIGN §3 flow convention):

@@ -1,0 +1,143 @@
+"""Ablations on the toy world (CPU): held-out reward and the hack monitor, release defaults vs each option.
+
+Each row is a short ``astrolabe demo``-style run (`astrolabe_rl.toy.demo.run_demo`, the real recipe) per seed,
+with one config option changed from the release defaults:
+
+    loss_form    release (plain x̂0 MSE)  vs  diffusionnft (adaptive weight, ×adv_clip/β)
+    train.sigmas release_grid {1, .75, .5, .25}  vs  sampler_grid (the warped steps)  vs  uniform
+    train.context noisy (whole clip noised, block-causal)  vs  clean (teacher forcing on clean history)
+    combine      raw weighted sum  vs  group_z (z-score each reward within its prompt group)
+    β            0.1 (released)  vs  0.03 and 0.3
+
+Columns: the held-out combined reward after training (mean ± std over seeds; the base model and the world's own
+renders are the same for every row), the share of the base→real gap it closed, each axis, the noise monitor that
+shows the sharpness hack (real renders ≈ 0.01; higher = noise bought as sharpness), and the final KL to the base.
+
+    python bench/ablations.py                  # default: 3 seeds, 16 epochs per run (about 30 min on 2 cores)
+    python bench/ablations.py --quick          # 1 seed, 3 epochs, smallest sizes (a smoke run, ~2 min)
+    python bench/ablations.py --seeds 0 1 --epochs 24 --out /tmp/ablations.md
+
+Prints one JSON line; writes the markdown table to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+try:
+    import astrolabe_rl  # noqa: F401
+except ModuleNotFoundError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from astrolabe_rl.toy.demo import REWARDS, run_demo
+
+OPTIONS: list[tuple[str, list[str]]] = [
+    ("release defaults", []),
+    ("loss_form=diffusionnft", ["train.loss_form=diffusionnft"]),
+    ("train.sigmas=sampler_grid", ["train.sigmas=sampler_grid"]),
+    ("train.sigmas=uniform", ["train.sigmas=uniform"]),
+    ("train.context=clean", ["train.context=clean"]),
+    ("combine=group_z", ["rewards.combine=group_z"]),
+    ("β=0.03", ["train.beta=0.03"]),
+    ("β=0.3", ["train.beta=0.3"]),
+]
+QUICK_SIZE = ["rollout.prompts_per_epoch=2", "rollout.candidates=4", "data.eval_inline=[a small red triangle moving "
+              "left slowly over stripes, a large green circle moving down quickly over checks]"]
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+
+
+def run(options: list[tuple[str, list[str]]], seeds: list[int], epochs: int, quick: bool, workdir: Path) -> list[dict]:
+    """Every option × seed; one dict per option with the per-seed demo summaries."""
+    rows = []
+    for label, overrides in options:
+        runs = []
+        for seed in seeds:
+            out = workdir / label.replace("=", "-").replace(" ", "_").replace("β", "beta") / f"seed{seed}"
+            extra = [*overrides, *(QUICK_SIZE if quick else [])]
+            s = run_demo(out, quick=True, epochs=epochs, seed=seed, overrides=extra, progress=False)
+            runs.append(s)
+            print(f"{label} seed {seed}: total {s['rewards']['total']['after']:.4f} "
+                  f"({s['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+        rows.append({"option": label, "runs": runs})
+    return rows
+
+
+def table(rows: list[dict], seeds: list[int], epochs: int) -> str:
+    """The markdown report."""
+    lines = [
+        f"# Toy-world ablations ({len(seeds)} seed(s): {seeds}; {epochs} epochs per run; held-out prompts)",
+        "",
+        "Each run is `astrolabe demo --quick` (6 prompts × 6 candidates per epoch, one optimiser step per epoch) with "
+        "one option changed; scores are the EMA policy's on the held-out prompts at fixed seeds (mean ± std over "
+        "training seeds). Gap closed = (after − base) / (renders − base) of the combined reward. The noise monitor "
+        "exposes the hack of `toy_quality` (the world's renders score "
+        f"{rows[0]['runs'][0]['hack_monitor']['real']:.4f}); KL final is ‖x̂0_θ − x̂0_ref‖² at the last step.",
+        "",
+        "| option | held-out combined | gap closed | " + " | ".join(REWARDS) + " | noise monitor | KL final |",
+        "|---|---|---|" + "---|" * len(REWARDS) + "---|---|",
+    ]
+    for label, key in (("base model (before)", "before"), ("world renders", "real")):
+        ref = rows[0]["runs"][0]
+        cells = [f"{ref['rewards']['total'][key]:.3f}", "0" if key == "before" else "1",
+                 *[f"{ref['rewards'][n][key]:.3f}" for n in REWARDS], f"{ref['hack_monitor'][key]:.4f}", "0"]
+        lines.append(f"| *{label}* | " + " | ".join(cells) + " |")
+    for row in rows:
+        runs = row["runs"]
+        cells = [
+            _mean_sd([r["rewards"]["total"]["after"] for r in runs]),
+            _mean_sd([r["gap_closed"] for r in runs]),
+            *[_mean_sd([r["rewards"][n]["after"] for r in runs]) for n in REWARDS],
+            _mean_sd([r["hack_monitor"]["after"] for r in runs]),
+            f"{statistics.fmean(r['kl_final'] for r in runs):.2e}",
+        ]
+        lines.append(f"| {row['option']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 seed, 3 epochs, smallest sizes (smoke run)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 16; --quick 3)")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "ablations.md",
+                   help="markdown table (default bench/ablations.md)")
+    p.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--options", nargs="+", default=None, metavar="LABEL",
+                   help=f"run only these rows (default: all of {', '.join(label for label, _ in OPTIONS)})")
+    args = p.parse_args(argv)
+    known = dict(OPTIONS)
+    if args.options is not None and (unknown := [o for o in args.options if o not in known]):
+        p.error(f"unknown option label(s) {unknown}; choose from {list(known)}")
+    options = [(label, known[label]) for label in args.options] if args.options else OPTIONS
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    epochs = args.epochs or (3 if args.quick else 16)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = run(options, seeds, epochs, args.quick, args.workdir or Path(tmp))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table(rows, seeds, epochs))
+    result = {
+        "bench": "ablations", "seeds": seeds, "epochs": epochs, "out": str(args.out),
+        "wall_s": round(time.perf_counter() - start, 1),
+        "results": {row["option"]: {
+            "total_after": statistics.fmean(r["rewards"]["total"]["after"] for r in row["runs"]),
+            "gap_closed": statistics.fmean(r["gap_closed"] for r in row["runs"]),
+            "noise_after": statistics.fmean(r["hack_monitor"]["after"] for r in row["runs"]),
+        } for row in rows},
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
