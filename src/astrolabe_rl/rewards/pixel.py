@@ -51,19 +51,24 @@ def saturation(videos: Tensor) -> Tensor:
     return sat.mean(dim=(1, 2, 3))
 
 
+def luma_laplacian(videos: Tensor) -> Tensor:
+    """The 4-neighbour 3×3 Laplacian of luma per frame, 'valid' borders: ``[B, T, 3, H, W]`` -> ``[B, T, H-2, W-2]``."""
+    b, t, _, h, w = videos.shape
+    if h < 3 or w < 3:
+        raise ValueError(f"the luma Laplacian needs frames of at least 3×3 pixels; got {h}×{w}")
+    y = luma(videos).reshape(b * t, 1, h, w)
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=y.device)
+    lap = F.conv2d(y, kernel.view(1, 1, 3, 3))  # no padding: zero-padded borders would read as edges
+    return lap.view(b, t, h - 2, w - 2)
+
+
 def sharpness(videos: Tensor) -> Tensor:
     """Variance of the 3×3 Laplacian of luma per frame ('valid' borders), mean over frames: ``[B]``.
 
     Blur lowers it, noise and ringing raise it. A one-pixel 0/1 checkerboard scores 16 (Laplacian ±4), the
     maximum for inputs in [0, 1]; a constant frame scores 0.
     """
-    b, t, _, h, w = videos.shape
-    if h < 3 or w < 3:
-        raise ValueError(f"sharpness needs frames of at least 3×3 pixels; got {h}×{w}")
-    y = luma(videos).reshape(b * t, 1, h, w)
-    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=y.device)
-    lap = F.conv2d(y, kernel.view(1, 1, 3, 3))  # no padding: zero-padded borders would read as edges
-    return lap.flatten(1).var(dim=1, correction=0).view(b, t).mean(dim=1)
+    return luma_laplacian(videos).flatten(2).var(dim=2, correction=0).mean(dim=1)
 
 
 def colour_entropy(videos: Tensor, bins: int = 8) -> Tensor:

@@ -151,12 +151,15 @@ def plot_curves(metrics_file: Path, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    from astrolabe_rl.train.logging import read_metrics
+
+    metrics = read_metrics(metrics_file)
     panels = [("reward/total", "training reward (combined)"), ("eval/reward/total", "held-out reward (EMA)"),
               ("policy/kl", "KL to base  ‖x̂0_θ − x̂0_ref‖²"), (f"monitor/{HACK_MONITOR}", "hack monitor: noise")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (key, title) in zip(axes, panels):
-        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        steps, values = metrics.get(key, ([], []))
+        pts = [(step, v) for step, v in zip(steps, values) if not math.isnan(v)]
         if pts:
             ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None)
         ax.set_title(title, fontsize=9)
@@ -190,8 +193,10 @@ def summarise(world: Any, results: dict[str, Any], seeds: list[int], preset: str
     """The demo's JSON summary: held-out rewards before / after / real, gap closed, worse axes, KL, hack monitor."""
     from astrolabe_rl.toy import world as toy_world
 
-    rows = [json.loads(line) for line in (Path(world.cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
-    kls = [r["policy/kl"] for r in rows if r.get("policy/kl") is not None]
+    from astrolabe_rl.train.logging import read_metrics
+
+    kls = [v for v in read_metrics(Path(world.cfg.run_dir) / "metrics.jsonl").get("policy/kl", ([], []))[1]
+           if not math.isnan(v)]
     return {
         "demo": preset, "epochs": world.cfg.train.epochs, "seed": world.cfg.train.seed,
         "held_out": {"prompts": len(world.eval_prompts), "seeds": seeds, "split_size": len(toy_world.split("held_out"))},

@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from astrolabe_rl.rewards import pixel
 from astrolabe_rl.toy.world import SHAPES, SIZES, WORLD, parse_prompt, shape_alpha
 
-_LUMA = (0.299, 0.587, 0.114)
-_LAPLACE = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
 SHARPNESS_REF = 0.001  # S₀: about the median Laplacian variance of the world's own renders (quality ≈ ½ there)
 CHROMA_LO, CHROMA_HI = 0.20, 0.45  # mask ramp: background chroma ≤ 0.06, object colours ≥ 0.58
 COLOUR_TOL = 0.2  # RGB distance scale of the colour match
@@ -47,14 +46,6 @@ def _check(videos: Tensor, prompts: list[str]) -> None:
         raise ValueError(f"toy rewards score {WORLD.size}×{WORLD.size} toy-world videos; got {tuple(videos.shape[-2:])}")
     if len(prompts) != videos.shape[0]:
         raise ValueError(f"{len(prompts)} prompts for {videos.shape[0]} videos")
-
-
-def _laplacian(videos: Tensor) -> Tensor:
-    """Luma Laplacian ``[B, T, H-2, W-2]`` ('valid' borders, so the frame edge is not an edge)."""
-    b, t, _, h, w = videos.shape
-    y = torch.einsum("btchw,c->bthw", videos.float(), torch.tensor(_LUMA, device=videos.device))
-    k = torch.tensor(_LAPLACE, device=videos.device).view(1, 1, 3, 3)
-    return F.conv2d(y.reshape(b * t, 1, h, w), k).view(b, t, h - 2, w - 2)
 
 
 def object_mask(videos: Tensor) -> Tensor:
@@ -89,15 +80,10 @@ def _soft_iou(mask: Tensor, tmpl: Tensor) -> Tensor:
     return inter / torch.maximum(mask, tmpl).sum(dim=(-2, -1)).clamp_min(1e-6)
 
 
-def sharpness(videos: Tensor) -> Tensor:
-    """Variance of the luma Laplacian per frame, mean over frames: ``[B]`` (blur lowers it, noise raises it)."""
-    return _laplacian(videos).flatten(2).var(dim=2, correction=0).mean(dim=1)
-
-
 def quality(videos: Tensor, prompts: list[str]) -> Tensor:
     """Visual quality ``S / (S + S₀)`` of the sharpness S: ``[B]`` in [0, 1). Hackable by noise."""
     _check(videos, prompts)
-    s = sharpness(videos)
+    s = pixel.sharpness(videos)
     return s / (s + SHARPNESS_REF)
 
 
@@ -109,7 +95,7 @@ def noise_level(videos: Tensor, prompts: list[str]) -> Tensor:
     not count, only texture that the world never draws.
     """
     _check(videos, prompts)
-    lap = _laplacian(videos).abs()
+    lap = pixel.luma_laplacian(videos).abs()
     near_object = F.max_pool2d(object_mask(videos).flatten(0, 1)[:, None], 3, stride=1, padding=1)
     background = near_object.view_as(object_mask(videos))[..., 1:-1, 1:-1] < 0.05
     values = torch.where(background, lap, torch.nan).flatten(1)
