@@ -103,7 +103,7 @@ class TrainConfig:
     context: str = _f("noisy", "noisy: whole clip noised under a block-causal mask (released); clean: clean detached history (teacher forcing)")
     old_decay: int = _f(1, "old-policy update: 0 copy, 1 η=min(0.001·step, 0.5), 2 delayed")
     ema_decay: float = _f(0.9, "EMA decay of the trained adapter (eval and export)")
-    seed: int = _f(42, "seed of prompts, noise and σ draws")
+    seed: int = _f(42, "seed of the adapter init, prompts, noise and σ draws")
     skip_nonfinite: bool = _f(True, "skip the optimiser step when the loss or gradient is NaN/inf (logged)")
 
 

@@ -53,6 +53,9 @@ class Policy:
         model: the base DiT (modified in place: peft injects LoRA layers into its linears).
         rank, alpha, dropout: the LoRA (r, α, dropout).
         targets: block-relative module names that get a LoRA.
+        seed: seeds the adapters' random initialisation (peft draws lora_A from the global generator, whose state
+            is left untouched), so that a run is reproducible and every rank starts from the same θ; None draws
+            from the global generator as it is.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class Policy:
         alpha: float = 256.0,
         dropout: float = 0.0,
         targets: Sequence[str] = DEFAULT_TARGETS,
+        seed: int | None = None,
     ) -> None:
         from peft import LoraConfig, get_peft_model
 
@@ -69,8 +73,12 @@ class Policy:
             p.requires_grad_(False)
         self.target_names = lora_target_names(model, targets)
         self.lora_config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=self.target_names)
-        self.peft = get_peft_model(model, self.lora_config, adapter_name="default")
-        self.peft.add_adapter("old", self.lora_config)
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.peft = get_peft_model(model, self.lora_config, adapter_name="default")
+            self.peft.add_adapter("old", self.lora_config)
         self.peft.set_adapter("default")
         self.model = model  # the same object, now with LoRA layers; call its modes directly
         self.copy_("old", "default")

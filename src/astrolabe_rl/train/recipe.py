@@ -162,7 +162,8 @@ def setup(cfg: Config) -> World:
     model, encode, decode = build_model_io(cfg, family, device, dtype)
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     model.attn_backend = cfg.model.attn_backend
-    policy = Policy(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+    policy = Policy(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets,
+                    seed=dist.mix_seed(cfg.train.seed, "lora-init"))
     if cfg.lora.init:
         policy.load_adapter(cfg.lora.init)
     train_model = dist.wrap_model(policy.model, ctx, cfg.dist.strategy)
