@@ -253,7 +253,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="the ≈1.5-minute version (fewer prompts, epochs, held-out prompts and seeds)")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (full 60, quick 24)")
     p.add_argument("--out", default="runs/demo", help="output folder (grids, curves, summary, the run)")
-    p.add_argument("--seed", type=int, default=0, help="seed of prompts, noise and σ draws")
+    p.add_argument("--seed", type=int, default=0, help="train.seed: the adapter init, prompts, noise and σ draws")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.lr=1e-4 rollout.candidates=4")
     p.set_defaults(func=cmd_demo)
