@@ -36,7 +36,7 @@ def load_toy_model(path: str | Path | None = None, device: torch.device | str = 
     if not path.is_file():
         raise FileNotFoundError(
             f"toy weights {path} are missing: reinstall the package, or rebuild them with "
-            "`python -m astrolabe_rl.toy.pretrain` (about 20 minutes on 2 CPU cores)"
+            "`python -m astrolabe_rl.toy.pretrain` (about 35 minutes on 2 CPU cores)"
         )
     model = CausalWan(get_family("toy").model)
     state = load_file(path)

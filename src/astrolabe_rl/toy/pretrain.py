@@ -1,6 +1,6 @@
 """Pretrain the shipped toy model: flow matching with block-causal teacher forcing on the toy world.
 
-    python -m astrolabe_rl.toy.pretrain                       # rebuilds weights/toy.safetensors (2 CPU cores, ~20 min)
+    python -m astrolabe_rl.toy.pretrain                       # rebuilds weights/toy.safetensors (2 CPU cores, ~35 min)
     python -m astrolabe_rl.toy.pretrain --steps 5 --out /tmp/toy.safetensors    # smoke
 
 One step (DESIGN §3 flow convention):
@@ -13,6 +13,14 @@ One step (DESIGN §3 flow convention):
                                                                exactly what the KV cache holds at inference
     (first block at σ = 1: v = ε − E[x0 | prompt], the exact target of the step every rollout starts with)
 
+Noisy captions (``--caption-noise``, default 0.25): like a web-scale corpus, the captions are not always right.
+For each training clip, each of its colour, shape, direction and speed is, with that probability, re-drawn
+uniformly before rendering, while the caption keeps the prompt's word (re-draws that would show a held-out
+colour-shape pair are undone, so the held-out split stays unseen). The base then does what a real pretrained model
+does: most samples follow the prompt, some show another colour or go another way. Those failures vary between the
+samples of one prompt, which is what an online RL method can find and fix; a base that failed the same way on
+every sample (say, never moved the object) would leave nothing to reward within a group.
+
 The weights saved are an EMA of the trained ones, stored in float16 (half the bytes; the model runs in float32).
 Nothing here distils: sampled with the 4-step causal sampler the model is blurry and imprecise (it predicts x̂0
 from σ = 0.625 at the last step, a posterior mean), like a distilled student, which is what the demo aligns.
@@ -21,6 +29,8 @@ from σ = 0.625 at the last step, a posterior mean), like a distilled student, w
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import math
 import sys
@@ -37,7 +47,8 @@ from astrolabe_rl.toy import vae, world
 from astrolabe_rl.toy.model import WEIGHTS, load_toy_model, save_weights
 from astrolabe_rl.toy.text import ToyTextEncoder
 
-DEFAULTS = dict(steps=1200, batch=16, lr=1e-3, warmup=50, weight_decay=0.01, ema=0.995, seed=0)
+DEFAULTS = dict(steps=2400, batch=16, lr=1e-3, warmup=50, weight_decay=0.01, ema=0.995, seed=0, caption_noise=0.25)
+NOISY_SLOTS = ("colour", "shape", "direction", "speed")  # the attributes the text and motion rewards judge
 
 
 def sample_sigmas(batch: int, blocks: int, grid: tuple[float, ...], shift: float, g: torch.Generator) -> Tensor:
@@ -48,17 +59,42 @@ def sample_sigmas(batch: int, blocks: int, grid: tuple[float, ...], shift: float
     return torch.where(torch.rand(batch, blocks, generator=g) < 0.5, from_grid, smooth)
 
 
-def batch_of(step: int, batch: int, seed: int, prompts: list[str], g: torch.Generator) -> tuple[list[int], Tensor]:
-    """Prompt indices drawn uniformly from ``prompts`` and their videos' latents ``[B, F, C, H, W]``."""
+def miscaption(prompts: list[str], noise: float, g: torch.Generator) -> list[str]:
+    """What each clip shows when its caption is ``prompts[i]``: each of `NOISY_SLOTS` re-drawn uniformly with
+    probability ``noise`` (possibly to the same word); a result in the held-out split falls back to the caption."""
+    train = set(world.split("train"))
+    shown = []
+    for prompt in prompts:
+        spec = world.parse_prompt(prompt).__dict__.copy()
+        for name in NOISY_SLOTS:
+            options = list(dict(world.SLOTS)[name])
+            # both numbers are drawn either way, so the generator's stream does not depend on ``noise``
+            redraw = float(torch.rand((), generator=g)) < noise
+            pick = int(torch.randint(len(options), (), generator=g))
+            if redraw:
+                spec[name] = options[pick]
+        other = world.Spec(**spec).prompt
+        shown.append(other if other in train else prompt)
+    return shown
+
+
+def batch_of(step: int, batch: int, seed: int, prompts: list[str], noise: float,
+             g: torch.Generator) -> tuple[list[int], Tensor]:
+    """Caption indices drawn uniformly from ``prompts`` and their clips' latents ``[B, F, C, H, W]`` (`miscaption`)."""
     picks = torch.randint(len(prompts), (batch,), generator=g).tolist()
     seeds = [seed * 1_000_003 + step * batch + i for i in range(batch)]
-    return picks, vae.encode(world.render([prompts[i] for i in picks], seeds))
+    return picks, vae.encode(world.render(miscaption([prompts[i] for i in picks], noise, g), seeds))
 
 
-def prompt_means(prompts: list[str], samples: int = 32) -> Tensor:
-    """``E[x0 | prompt]`` ``[P, F, C, H, W]``, a Monte-Carlo mean over ``samples`` of the world's seeds."""
+@functools.lru_cache(maxsize=None)
+def prompt_mean(prompt: str, noise: float, samples: int = 64) -> Tensor:
+    """``E[x0 | caption]`` ``[F, C, H, W]``: a Monte-Carlo mean over ``samples`` seeds and caption errors.
+
+    Computed on first use and kept (a short run pays only for the captions it draws); its own generator, seeded by
+    the caption, makes it independent of the order in which captions come up."""
     seeds = [2**40 + j for j in range(samples)]  # far from the training seeds
-    return torch.stack([vae.encode(world.render([p] * samples, seeds)).mean(0) for p in prompts])
+    g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:7], "little"))
+    return vae.encode(world.render(miscaption([prompt] * samples, noise, g), seeds)).mean(0)
 
 
 def flow_loss(model: CausalWan, x0: Tensor, text: Tensor, sigma_blocks: Tensor, noise: Tensor,
@@ -87,15 +123,15 @@ def validation_loss(model: CausalWan, encoder: ToyTextEncoder, grid: tuple[float
     """The loss on a fixed batch (64 train-split clips, fixed σ and ε): comparable across runs and checkpoints."""
     g = torch.Generator().manual_seed(12345)
     prompts = world.split("train")
-    picks, x0 = batch_of(0, 64, 987, prompts, g)
+    picks, x0 = batch_of(0, 64, 987, prompts, 0.0, g)  # clean captions: the loss on the world as it is
     sig = sample_sigmas(64, x0.shape[1] // 3, grid, shift, g)
     noise = torch.randn(x0.shape, generator=g)
     return float(flow_loss(model, x0, encoder([prompts[i] for i in picks]), sig, noise))
 
 
 def pretrain(
-    steps: int, batch: int, lr: float, warmup: int, weight_decay: float, ema: float, seed: int, out: Path,
-    log_every: int = 50, save_every: int = 100,
+    steps: int, batch: int, lr: float, warmup: int, weight_decay: float, ema: float, seed: int, caption_noise: float,
+    out: Path, log_every: int = 50, save_every: int = 100,
 ) -> dict:
     """Train from scratch and write ``out`` (+ ``out.json`` with the recipe and results). Returns the record.
 
@@ -115,18 +151,19 @@ def pretrain(
     grid = tuple(float(sigma_of(t)) for t in family.sampler.steps.timesteps)
     shift, prompts = family.sampler.steps.shift, world.split("train")
     g = torch.Generator().manual_seed(seed)
-    means = prompt_means(prompts)
+    if not 0.0 <= caption_noise <= 1.0:
+        raise ValueError(f"caption_noise is a probability; got {caption_noise}")
     run = {"step": 0, "running": None, "history": [], "wall": 0.0, "cpu": 0.0,
-           "args": [steps, batch, lr, warmup, weight_decay, ema, seed]}
+           "args": [steps, batch, lr, warmup, weight_decay, ema, seed, caption_noise]}
     state_file = out.with_suffix(".state.pt")
     if state_file.is_file():
         run = _resume(state_file, run, model, shadow, opt, sched, g)
     start, cpu = time.perf_counter() - run["wall"], time.process_time() - run["cpu"]
     for step in range(run["step"], steps):
-        picks, x0 = batch_of(step, batch, seed, prompts, g)
+        picks, x0 = batch_of(step, batch, seed, prompts, caption_noise, g)
         sig = sample_sigmas(batch, x0.shape[1] // family.sampler.frames_per_block, grid, shift, g)
         loss = flow_loss(model, x0, encoder([prompts[i] for i in picks]), sig, torch.randn(x0.shape, generator=g),
-                         means[picks])
+                         torch.stack([prompt_mean(prompts[i], caption_noise) for i in picks]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -149,8 +186,8 @@ def pretrain(
     save_weights(model, out)
     record = {
         "seed": seed, "steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
-        "ema": ema, "sigma_sampling": "per 3-frame block: 1/2 sampler grid, 1/2 shift5(U(0,1))",
-        "first_block_sigma1_target": "eps - E[x0 | prompt] (32-seed mean)",
+        "ema": ema, "caption_noise": caption_noise, "noisy_slots": list(NOISY_SLOTS), "sigma_sampling": "per 3-frame block: 1/2 sampler grid, 1/2 shift5(U(0,1))",
+        "first_block_sigma1_target": "eps - E[x0 | caption] (64-sample mean over seeds and caption errors)",
         "final_train_loss_smoothed": round(run["running"], 5),
         # measured on the saved float16 EMA weights, so a loaded model reproduces it
         "val_loss": round(validation_loss(load_toy_model(out), encoder, grid, shift), 5),
@@ -189,9 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"])
     p.add_argument("--ema", type=float, default=DEFAULTS["ema"], help="EMA decay of the saved weights")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="weights, data and noise seed")
+    p.add_argument("--caption-noise", type=float, default=DEFAULTS["caption_noise"],
+                   help="probability that each of a clip's colour/shape/direction/speed differs from its caption")
     p.add_argument("--out", type=Path, default=WEIGHTS, help="output .safetensors (a .json record is written next to it)")
     args = p.parse_args(argv)
-    record = pretrain(args.steps, args.batch, args.lr, args.warmup, args.weight_decay, args.ema, args.seed, args.out)
+    record = pretrain(args.steps, args.batch, args.lr, args.warmup, args.weight_decay, args.ema, args.seed,
+                      args.caption_noise, args.out)
     print(json.dumps({k: v for k, v in record.items() if k not in ("curve", "model")}))
     return 0
 

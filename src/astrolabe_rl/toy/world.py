@@ -86,14 +86,16 @@ class Spec:
         return COLOURS[self.colour]
 
 
-_SLOTS = (("size", SIZES), ("colour", COLOURS), ("shape", SHAPES), ("direction", DIRECTIONS), ("speed", SPEEDS),
-          ("background", BACKGROUNDS))
+SLOTS = (  # (slot, its words) in prompt order
+    ("size", SIZES), ("colour", COLOURS), ("shape", SHAPES), ("direction", DIRECTIONS), ("speed", SPEEDS),
+    ("background", BACKGROUNDS),
+)
 
 
 def vocabulary() -> list[str]:
     """Every word the grammar can produce, in a fixed order (the toy text encoder's table rows)."""
     words = ["a", "moving", "over"]
-    for _, options in _SLOTS:
+    for _, options in SLOTS:
         words.extend(options)
     return words
 
@@ -108,7 +110,7 @@ def parse_prompt(prompt: str) -> Spec:
     for word, slot in zip(words, form):
         if slot.startswith("{"):
             name = slot[1:-1]
-            options = dict(_SLOTS)[name]
+            options = dict(SLOTS)[name]
             if word not in options:
                 raise ValueError(f"toy prompt {prompt!r}: {word!r} is not a {name} (one of {', '.join(options)})")
             values[name] = word
@@ -119,7 +121,7 @@ def parse_prompt(prompt: str) -> Spec:
 
 def all_specs() -> list[Spec]:
     """Every prompt of the grammar (2·6·3·4·2·3 = 864), in a fixed order."""
-    return [Spec(*combo) for combo in itertools.product(*(list(options) for _, options in _SLOTS))]
+    return [Spec(*combo) for combo in itertools.product(*(list(options) for _, options in SLOTS))]
 
 
 def split(name: str) -> list[str]:
