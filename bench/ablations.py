@@ -11,7 +11,7 @@ with one config option changed from the release defaults:
 
 Columns: the held-out combined reward after training (mean ± std over seeds; the base model and the world's own
 renders are the same for every row), the share of the base→real gap it closed, each axis, the noise monitor that
-shows the sharpness hack (real renders ≈ 0.01; higher = noise bought as sharpness), and the final KL to the base.
+shows the sharpness hack (real renders ≈ 0.004; higher = noise bought as sharpness), and the final KL to the base.
 
     python bench/ablations.py                  # default: 3 seeds, 16 epochs per run (about 30 min on 2 cores)
     python bench/ablations.py --quick          # 1 seed, 3 epochs, smallest sizes (a smoke run, ~2 min)
