@@ -59,15 +59,21 @@ def sample_sigmas(batch: int, blocks: int, grid: tuple[float, ...], shift: float
     return torch.where(torch.rand(batch, blocks, generator=g) < 0.5, from_grid, smooth)
 
 
+@functools.cache
+def _train_prompts() -> frozenset[str]:
+    """The train split as a set, built once: `miscaption` checks every re-drawn clip against it, every step."""
+    return frozenset(world.split("train"))
+
+
 def miscaption(prompts: list[str], noise: float, g: torch.Generator) -> list[str]:
     """What each clip shows when its caption is ``prompts[i]``: each of `NOISY_SLOTS` re-drawn uniformly with
     probability ``noise`` (possibly to the same word); a result in the held-out split falls back to the caption."""
-    train = set(world.split("train"))
+    train, words = _train_prompts(), dict(world.SLOTS)
     shown = []
     for prompt in prompts:
         spec = world.parse_prompt(prompt).__dict__.copy()
         for name in NOISY_SLOTS:
-            options = list(dict(world.SLOTS)[name])
+            options = list(words[name])
             # both numbers are drawn either way, so the generator's stream does not depend on ``noise``
             redraw = float(torch.rand((), generator=g)) < noise
             pick = int(torch.randint(len(options), (), generator=g))
@@ -186,7 +192,8 @@ def pretrain(
     save_weights(model, out)
     record = {
         "seed": seed, "steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
-        "ema": ema, "caption_noise": caption_noise, "noisy_slots": list(NOISY_SLOTS), "sigma_sampling": "per 3-frame block: 1/2 sampler grid, 1/2 shift5(U(0,1))",
+        "ema": ema, "caption_noise": caption_noise, "noisy_slots": list(NOISY_SLOTS),
+        "sigma_sampling": "per 3-frame block: 1/2 sampler grid, 1/2 shift5(U(0,1))",
         "first_block_sigma1_target": "eps - E[x0 | caption] (64-sample mean over seeds and caption errors)",
         "final_train_loss_smoothed": round(run["running"], 5),
         # measured on the saved float16 EMA weights, so a loaded model reproduces it
