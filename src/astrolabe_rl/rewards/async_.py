@@ -10,8 +10,15 @@ the sampler can already generate micro-batch k+1 (`reference/rewards.md` §10.3)
         pending.append(scorer.submit(videos, prompts))
     scores = [f.result() for f in pending]         # each {name: [B]} plus "{name}/{extra}" diagnostics
 
-A reward that raises yields NaN for the samples it could not score (`score_all`), never a lost run; its message
-goes to ``on_error``. With ``enabled=False`` ``submit`` scores on the spot and returns a finished future, so a
+A reward that raises, or returns NaN or ±inf, yields NaN for the samples it could not score (`score_all`), never
+a lost run; its message goes to ``on_error``, and every batch's failures add up in a `FailureReport` that
+``drain_failures()`` hands over (once per epoch) and resets::
+
+    report = scorer.drain_failures()               # per reward: failed share, first error
+    logger.log(report.metrics())                   # reward/<name>/failed_frac
+    check_failures(report, cfg.rewards.max_failed_frac)
+
+With ``enabled=False`` ``submit`` scores on the spot and returns a finished future, so a
 training loop has one code path either way.
 
 On a GPU the work runs on its own CUDA stream, ordered after the stream that produced ``videos`` (an event is
@@ -29,7 +36,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from astrolabe_rl.rewards.base import Reward, check_videos, score_all
+from astrolabe_rl.rewards.base import FailureReport, Reward, check_videos, score_all
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +53,12 @@ class AsyncScorer:
         enabled: False scores synchronously inside ``submit`` (same results, no overlap).
         workers: batches scored concurrently (1 keeps memory bounded and results in submission order).
         max_pending: ``submit`` blocks while this many batches are unfinished (back-pressure on the sampler).
-        on_error: called with ``(reward name, message)`` when a reward fails on part of a batch.
+        on_error: called with ``(reward name, message)`` when a reward fails on part of a batch; None: only count
+            the failure in the report ``drain_failures`` returns.
     """
 
     def __init__(self, rewards: dict[str, Reward], *, enabled: bool = True, workers: int = 1, max_pending: int = 2,
-                 on_error: Callable[[str, str], None] = _log_error) -> None:
+                 on_error: Callable[[str, str], None] | None = _log_error) -> None:
         if workers < 1 or max_pending < 1:
             raise ValueError(f"workers and max_pending must be >= 1; got {workers}, {max_pending}")
         self.rewards = dict(rewards)
@@ -58,6 +66,8 @@ class AsyncScorer:
         self.on_error = on_error
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="reward") if enabled else None
         self._slots = threading.BoundedSemaphore(max_pending)
+        self._failures = FailureReport()
+        self._failures_lock = threading.Lock()  # workers add, the training loop drains
 
     def submit(self, videos: Tensor, prompts: list[str]) -> "Future[dict[str, Tensor]]":
         """Start scoring ``videos [B, T, 3, H, W]`` in [0, 1]; the future gives ``{name: [B]}`` float32 CPU scores
@@ -84,9 +94,20 @@ class AsyncScorer:
             for key, value in (getattr(reward, "extras", None) or {}).items():
                 if isinstance(value, Tensor) and value.shape == (b,):
                     out[f"{name}/{key}"] = value.detach().float().cpu()
-            if name in errors:
+            report = FailureReport.from_scores(scores, errors)
+            with self._failures_lock:
+                self._failures = self._failures.merge(report)
+            if name in errors and self.on_error is not None:
                 self.on_error(name, errors[name])
         return out
+
+    def drain_failures(self) -> FailureReport:
+        """The failures of every batch scored since the last call (counts and first errors), then reset.
+
+        Call it after the futures of the batches it should cover are done (their results collected)."""
+        with self._failures_lock:
+            report, self._failures = self._failures, FailureReport()
+        return report
 
     def _run(self, videos: Tensor, prompts: list[str], ready: "torch.cuda.Event | None") -> dict[str, Tensor]:
         if ready is None:

@@ -14,7 +14,7 @@ anything.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -56,10 +56,21 @@ def check_videos(videos: Tensor, prompts: list[str] | None = None) -> None:
 
 
 def check_scores(name: str, scores: Tensor, batch: int) -> Tensor:
-    """A reward must return one finite-or-NaN float per video; NaN marks a failed sample."""
+    """A reward must return one float per video, shape ``[B]``; every non-finite entry (NaN, ±inf) becomes NaN,
+    the one mark of a failed sample (an inf would otherwise become A = inf, r = 1)."""
     if scores.shape != (batch,):
         raise ValueError(f"reward {name!r} returned shape {tuple(scores.shape)}, expected ({batch},)")
-    return scores.float()
+    scores = scores.float()
+    return torch.where(torch.isfinite(scores), scores, torch.full_like(scores, float("nan")))
+
+
+def _nonfinite_message(raw: Tensor) -> str:
+    """Say which non-finite values a reward returned, e.g. ``returned non-finite scores: 2 NaN, 1 +inf of 4``."""
+    raw = raw.detach().float()
+    parts = [f"{n} {label}" for label, n in (
+        ("NaN", int(torch.isnan(raw).sum())), ("+inf", int((raw == float("inf")).sum())),
+        ("-inf", int((raw == float("-inf")).sum()))) if n]
+    return f"returned non-finite scores: {', '.join(parts)} of {raw.numel()}"
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -128,23 +139,127 @@ def score_all(
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Run every reward on a batch; a failure marks only the samples that fail, never the run.
 
-    When a reward raises on the batch it is retried sample by sample, so one bad video costs one NaN.
-    Returns the scores ``{name: [B]}`` (NaN where a sample failed) and the errors ``{name: message}``.
+    A sample fails when its reward raises, or returns NaN or ±inf. When a reward raises on the batch it is
+    retried sample by sample, so one bad video costs one NaN.
+    Returns the scores ``{name: [B]}`` (NaN where a sample failed) and, for every reward with a failed sample, its
+    first error ``{name: message}``: the exception, the reward's own per-item message (``extras["errors"]``, e.g.
+    a remote reward's), or which non-finite values it returned.
     """
     check_videos(videos, prompts)
     scores, errors = {}, {}
     for name, reward in rewards.items():
         try:
+            raw = reward(videos, prompts)
             # every score lands on the videos' device, whichever path produced it, so callers can stack them
-            scores[name] = check_scores(name, reward(videos, prompts), videos.shape[0]).to(videos.device)
+            scores[name] = check_scores(name, raw, videos.shape[0]).to(videos.device)
+        except Exception:  # noqa: BLE001 - a scorer's failure must not lose the run
+            scores[name], first = _score_one_by_one(name, reward, videos, prompts)
+            if first is not None:
+                errors[name] = first
             continue
-        except Exception as e:  # noqa: BLE001 - a scorer's failure must not lose the run
-            errors[name] = f"{type(e).__name__}: {e}"
-        out = torch.full((videos.shape[0],), float("nan"), device=videos.device)
-        for i in range(videos.shape[0]):
-            try:
-                out[i] = check_scores(name, reward(videos[i : i + 1], prompts[i : i + 1]), 1)[0]
-            except Exception:  # noqa: BLE001
-                pass
-        scores[name] = out
+        if torch.isnan(scores[name]).any():
+            errors[name] = _item_error(reward) or _nonfinite_message(raw)
     return scores, errors
+
+
+def _score_one_by_one(name: str, reward: Reward, videos: Tensor, prompts: list[str]) -> tuple[Tensor, str | None]:
+    """Retry a batch that raised sample by sample -> (``[B]`` scores, NaN where a sample failed; the first sample
+    error, None when every sample scored alone)."""
+    out = torch.full((videos.shape[0],), float("nan"), device=videos.device)
+    first: str | None = None
+    for i in range(videos.shape[0]):
+        try:
+            raw = reward(videos[i : i + 1], prompts[i : i + 1])
+            out[i] = check_scores(name, raw, 1)[0]
+            if torch.isnan(out[i]) and first is None:
+                first = _item_error(reward) or _nonfinite_message(raw)
+        except Exception as e:  # noqa: BLE001
+            first = first or f"{type(e).__name__}: {e}"
+    return out, first
+
+
+def _item_error(reward: Reward) -> str | None:
+    """The first per-item message a reward left in ``extras["errors"]`` (``{index: message}``), if any."""
+    errors = (getattr(reward, "extras", None) or {}).get("errors")
+    if isinstance(errors, dict) and errors:
+        return str(next(iter(errors.values())))
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ failures
+
+
+class RewardFailureError(ValueError):
+    """Too many samples failed a reward. A ValueError, so the CLI prints its message (which says what to change)
+    as one line, like a configuration error."""
+
+
+@dataclass
+class FailureReport:
+    """Per reward: samples scored, samples failed (NaN after `score_all`), and the first error message seen.
+
+    Build one per batch with `from_scores`, sum batches (or ranks) with `merge`, read it once per epoch.
+    """
+
+    scored: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    first_error: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_scores(cls, scores: dict[str, Tensor], errors: dict[str, str] | None = None) -> "FailureReport":
+        """``scores`` ``{name: [N]}`` (NaN or ±inf where a sample failed) and ``errors`` ``{name: message}``."""
+        errors = errors or {}
+        failed = {name: int((~torch.isfinite(s)).sum()) for name, s in scores.items()}
+        return cls(
+            scored={name: int(s.numel()) for name, s in scores.items()},
+            failed=failed,
+            first_error={name: errors[name] for name in scores if failed[name] and name in errors},
+        )
+
+    def merge(self, other: "FailureReport") -> "FailureReport":
+        """Counts summed; each reward keeps the earliest message (``self``'s first)."""
+        names = list(dict.fromkeys([*self.scored, *other.scored]))
+        return FailureReport(
+            scored={n: self.scored.get(n, 0) + other.scored.get(n, 0) for n in names},
+            failed={n: self.failed.get(n, 0) + other.failed.get(n, 0) for n in names},
+            first_error={**other.first_error, **self.first_error},
+        )
+
+    def failed_frac(self) -> dict[str, float]:
+        """``{name: failed / scored}`` in [0, 1] (0 for a reward that scored nothing)."""
+        return {n: self.failed.get(n, 0) / s if s else 0.0 for n, s in self.scored.items()}
+
+    def metrics(self) -> dict[str, float]:
+        """``{"reward/<name>/failed_frac": share}`` for every reward, failing or not (a flat 0 is a fact too)."""
+        return {f"reward/{n}/failed_frac": f for n, f in self.failed_frac().items()}
+
+    def warning(self, epoch: int | None = None) -> str | None:
+        """One line per failing reward naming it, its failed share and its first error; None when nothing failed.
+        Print it yourself (e.g. to stderr): ``warnings.warn`` would show a repeated message only once."""
+        lines = [
+            f"reward {n} failed on {self.failed[n]} of {self.scored[n]} samples"
+            f"{'' if epoch is None else f' in epoch {epoch}'}; first error: "
+            f"{self.first_error.get(n, 'unknown (raised on another rank; see its log)')}"
+            for n in self.scored if self.failed.get(n, 0)
+        ]
+        return "\n".join(f"warning: {line}" for line in lines) or None
+
+
+def check_failures(report: FailureReport, max_failed_frac: float, names: Iterable[str] | None = None) -> None:
+    """Raise `RewardFailureError` when a reward's failed share exceeds ``max_failed_frac`` (in [0, 1]).
+
+    Whatever ``rewards.on_error`` says: dropping or zeroing most of a batch silently trains on noise.
+    ``names`` restricts the check (e.g. to the optimised rewards, leaving the monitors to the warning).
+    """
+    if not 0 <= max_failed_frac <= 1:
+        raise ValueError(f"max_failed_frac must lie in [0, 1]; got {max_failed_frac}")
+    keep = None if names is None else set(names)
+    over = {n: f for n, f in report.failed_frac().items() if f > max_failed_frac and (keep is None or n in keep)}
+    if over:
+        name, frac = max(over.items(), key=lambda kv: kv[1])
+        raise RewardFailureError(
+            f"reward {name} failed on {report.failed[name]} of {report.scored[name]} samples ({frac:.0%}), over "
+            f"rewards.max_failed_frac={max_failed_frac:g}; first error: "
+            f"{report.first_error.get(name, 'unknown (raised on another rank)')}. Fix the reward (or its server), "
+            "or raise rewards.max_failed_frac to train on what still scores"
+        )

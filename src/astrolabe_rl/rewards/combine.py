@@ -3,7 +3,8 @@
     raw     (release):  R_i = Σ_k w_k · s_k,i
     group_z:            R_i = Σ_k w_k · (s_k,i − mean_{g(i)} s_k) / (std_{g(i)} s_k + eps)
 
-where g(i) is sample i's prompt group and the group statistics skip NaN. ``raw`` sums the scorers' native scales
+where g(i) is sample i's prompt group and the group statistics skip NaN. A non-finite score (NaN, ±inf) is a
+failed sample: it enters as NaN, so an inf can never become an infinite advantage. ``raw`` sums the scorers' native scales
 (HPSv3 is unnormalised, VideoAlign z-scored), so a wide-scaled reward can dominate; ``group_z`` puts every
 component on the same footing within each prompt first (reference/astrolabe.md §7.4).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from astrolabe_rl.algo.advantages import group_advantages
@@ -26,7 +28,8 @@ def combine_rewards(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Weighted sum of reward components.
 
-    scores: ``{name: [N]}`` for every scored component (rewards and monitors), NaN where a sample failed.
+    scores: ``{name: [N]}`` for every scored component (rewards and monitors), NaN (or ±inf) where a sample
+        failed; both are read as NaN.
     weights: ``{name: w}`` for the components that enter the sum; every name must be in ``scores``; components
         with weight 0 or absent from ``weights`` are not summed (monitors), so their NaNs cost nothing.
     group_ids: ``[N]`` integer prompt id per sample. mode: ``"raw"`` or ``"group_z"`` (see the module docstring).
@@ -46,9 +49,10 @@ def combine_rewards(
     for name, s in scores.items():
         if s.shape != group_ids.shape or s.dim() != 1:
             raise ValueError(f"score {name!r} has shape {tuple(s.shape)}; expected [N] = {tuple(group_ids.shape)}")
+    finite = {k: torch.where(torch.isfinite(s), s.float(), float("nan")) for k, s in scores.items()}
     if mode == "raw":
-        norm = {k: s.float() for k, s in scores.items()}
+        norm = finite
     else:  # a per-group z-score is exactly a group advantage with the group's own std
-        norm = {k: group_advantages(s.float(), group_ids, std="group", eps=eps) for k, s in scores.items()}
+        norm = {k: group_advantages(s, group_ids, std="group", eps=eps) for k, s in finite.items()}
     total = sum(w * norm[k] for k, w in active.items())
     return total, norm
