@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,7 @@ class RewardsConfig:
     components: list[RewardItem] = _f([], "the rewards that are optimised, with their weights")
     combine: str = _f("raw", "raw: weighted sum of raw scores (released); group_z: z-score each reward in its group first")
     on_error: str = _f("zero", "a sample whose reward failed: drop (no loss), zero (advantage 0), abort (stop the run)")
+    max_failed_frac: float = _f(0.5, "share of an epoch's samples (0 to 1) a reward may fail (exception, NaN or inf) before the run stops with an error, whatever on_error says")
     async_scoring: bool = _f(False, "score in a background thread, overlapped with the next rollout micro-batch (GPU)")
     monitors: list[str] = _f(
         ["brightness", "saturation", "sharpness", "colour_entropy", "temporal_flicker", "motion_energy"],
@@ -109,14 +111,14 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = _f(10, "evaluate every N epochs (0 = never; always at the end)")
+    every: int = _f(10, "evaluate every N epochs (0 = only at the end); evaluation is on when held-out prompts are given")
     seeds: list[int] = _f([0], "noise seeds per held-out prompt")
     videos: int = _f(4, "sample videos written per evaluation")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = _f(30, "checkpoint every N epochs (and at the end)")
+    every: int = _f(30, "checkpoint every N epochs and at the end (0 = never)")
     keep_last: int = _f(3, "complete checkpoints kept")
     resume: str | None = _f(None, "auto (newest complete checkpoint in run_dir), a checkpoint path, or None")
     force_resume: bool = _f(False, "resume even if run-altering config values changed")
@@ -176,11 +178,53 @@ _CHOICES = {
 
 _POSITIVE = (
     "rollout.prompts_per_epoch", "rollout.candidates", "rollout.micro_batch", "train.epochs", "train.lr",
-    "lora.rank", "lora.alpha", "train.grad_clip", "train.adv_clip", "checkpoint.keep_last",
+    "lora.rank", "lora.alpha", "train.grad_clip", "train.adv_clip", "checkpoint.keep_last", "train.adam_eps",
 )
+
+# Periods and counts where 0 has a meaning (see each field's doc) but a negative value has none.
+_NON_NEGATIVE = ("eval.every", "checkpoint.every", "eval.videos", "train.weight_decay")
+
+# Values that are shares or probabilities: key -> (low, high, whether high itself is allowed).
+_UNIT_INTERVAL = {
+    "rewards.max_failed_frac": (0.0, 1.0, True),
+    "lora.dropout": (0.0, 1.0, False),
+}
 
 
 # ------------------------------------------------------------------------------------------------ loading
+
+
+def _did_you_mean(key: str, fields: dict[str, dataclasses.Field]) -> str | None:
+    """The field a mistyped ``key`` most likely meant, or None.
+
+    Tried in order: a close spelling (``lrr`` -> ``lr``); the key's initials (``learning_rate`` -> ``lr``); its last
+    word, spelled closely, as a field or a word of a field's name (``num_epochs`` -> ``epochs``, ``save_every`` ->
+    ``every``, ``ema`` -> ``ema_decay``); its words as a phrase in a field's doc (``learning_rate`` -> "AdamW
+    learning rate").
+    """
+    close = difflib.get_close_matches(key, fields, n=1)
+    if close:
+        return close[0]
+    words = [w for w in str(key).lower().replace("-", "_").split("_") if w]
+    if not words:
+        return None
+    initials = "".join(w[0] for w in words)
+    if len(words) > 1 and initials in fields:
+        return initials
+    by_word: dict[str, str] = {}  # a word of a field's name -> the field; a field's last word is matched first
+    for name in fields:
+        by_word.setdefault(name.split("_")[-1], name)
+    for name in fields:
+        for w in name.split("_"):
+            by_word.setdefault(w, name)
+    close = difflib.get_close_matches(words[-1], [*fields, *by_word], n=1, cutoff=0.8)
+    if close:
+        return close[0] if close[0] in fields else by_word[close[0]]
+    phrase = " ".join(words)
+    for name, f in fields.items():
+        if len(words) > 1 and phrase in f.metadata.get("doc", "").lower():
+            return name
+    return None
 
 
 def _check_keys(data: dict, schema: type, prefix: str = "") -> None:
@@ -189,8 +233,8 @@ def _check_keys(data: dict, schema: type, prefix: str = "") -> None:
     for key, value in data.items():
         path = f"{prefix}{key}"
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            guess = _did_you_mean(key, names)
+            hint = f"; did you mean '{prefix}{guess}'?" if guess else ""
             raise ValueError(f"unknown config key '{path}'{hint} (valid here: {', '.join(names)})")
         sub = names[key].default_factory if names[key].default_factory is not dataclasses.MISSING else None
         if isinstance(value, dict) and sub is not None and dataclasses.is_dataclass(sub):
@@ -212,13 +256,40 @@ def _dotted_to_nested(key: str, value: Any) -> dict:
     return out
 
 
+def _yaml_error(where: str, error: Exception) -> str:
+    """One line for a YAML syntax error: ``where:line:column: malformed YAML: problem (context)``."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    place = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None else where
+    return f"{place}: malformed YAML: {problem}" + (f" ({context})" if context else "")
+
+
 def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-5)")
     key, raw = item.split("=", 1)
     import yaml
 
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(_yaml_error(f"override {item!r} (value)", e)) from None
+
+
+def _read_yaml_file(p: Path) -> Any:
+    """Parse a YAML file; a binary file or a syntax error becomes a one-line ValueError naming the file."""
+    import yaml
+
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {p} is not UTF-8 text (undecodable byte at offset {e.start}); "
+                         "give a YAML file") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(_yaml_error(str(p), e)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -226,14 +297,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    import yaml
-
     layers: list[dict] = []
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ValueError(f"config file {p} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = _read_yaml_file(p) or {}
         if not isinstance(data, dict):
             raise ValueError(f"config file {p} must hold a mapping at the top level")
         layers.append(data)
@@ -259,8 +328,24 @@ def get_value(cfg: Config | dict, dotted: str) -> Any:
     return cur
 
 
+def _check_finite(obj: Any, prefix: str = "") -> None:
+    """Reject NaN and ±inf anywhere in the schema's numbers (lists and reward items included; reward kwargs are
+    the reward's business). YAML spells them .nan / .inf; a non-finite lr fails much later with a misleading
+    message."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+        for i, v in items:
+            where = key if i is None else f"{key}[{i}]"
+            if dataclasses.is_dataclass(v):
+                _check_finite(v, f"{where}.")
+            elif isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{where}={v} is not a finite number; give a finite value")
+
+
 def validate(cfg: Config) -> None:
     """Semantic checks with errors that say what to change."""
+    _check_finite(cfg)
     for key, choices in _CHOICES.items():
         value = get_value(cfg, key)
         if value not in choices:
@@ -268,6 +353,18 @@ def validate(cfg: Config) -> None:
     for key in _POSITIVE:
         if not get_value(cfg, key) > 0:
             raise ValueError(f"{key} must be > 0, got {get_value(cfg, key)}")
+    for key in _NON_NEGATIVE:
+        if get_value(cfg, key) < 0:
+            raise ValueError(f"{key} must be >= 0 (see its doc for what 0 means), got {get_value(cfg, key)}")
+    for key, (low, high, closed) in _UNIT_INTERVAL.items():
+        value = get_value(cfg, key)
+        if not (low <= value <= high if closed else low <= value < high):
+            raise ValueError(f"{key} must lie in [{low:g}, {high:g}{']' if closed else ')'}, got {value}")
+    if len(cfg.train.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.train.adam_betas):
+        raise ValueError(f"train.adam_betas must be two numbers in [0, 1), got {cfg.train.adam_betas}")
+    if (cfg.data.eval_prompts or cfg.data.eval_inline) and not cfg.eval.seeds:
+        raise ValueError("eval.seeds is empty but evaluation is on (data.eval_prompts or data.eval_inline is set): "
+                         "give at least one noise seed, e.g. eval.seeds=[0], or no held-out prompts")
     if not 0 <= cfg.train.beta <= 1:
         raise ValueError(f"train.beta={cfg.train.beta} must lie in [0, 1] (released: 0.1)")
     if cfg.train.kl_weight < 0:

@@ -43,7 +43,15 @@ def read_prompt_file(path: str | Path, what: str = "prompt file") -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"{what} {p} does not exist")
-    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    data = p.read_bytes()
+    if b"\0" in data:  # no prompt holds a NUL byte: an image, a video, an archive (or UTF-16 text)
+        raise ValueError(f"{what} {p} is a binary file (it holds NUL bytes), not UTF-8 text with one prompt a line")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {p} is not UTF-8 text (undecodable byte at offset {e.start}); "
+                         "save it as UTF-8, one prompt per line") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{what} {p} has no prompts (one per line)")
     return prompts
