@@ -209,17 +209,25 @@ def _recache(
 ) -> None:
     """LongLive's re-cache: re-encode the last window of clean frames under the (already set) new prompt.
 
-    The blocks that start within the last ``window_frames`` frames (all of them for a global cache) are committed
-    again in one block-causal call; the sink keeps its first-prompt K/V when ``keep_sink_on_switch``.
+    The frames re-encoded are the last ``window_frames`` (all of them for a global cache); the sink keeps its
+    first-prompt K/V when ``keep_sink_on_switch`` and the switch comes after frame ``window_frames``, and the window
+    then shrinks by the sink. LongLive's re-cache pass starts at ``max(0, end - window_frames)``; its cache protects
+    the sink only in a recompute that starts after frame 0, so an early switch re-encodes the sink too.
+
+    ``recache_mask`` (`SamplerConfig`): ``bidirectional`` commits the frames in one unmasked call (LongLive: the
+    block mask it builds is never applied); ``block_causal`` commits their blocks under the block-causal mask, which
+    equals committing them one by one.
     """
     policy = sampler.cache
     end = committed[-1][1]
-    keep_sink = sampler.keep_sink_on_switch and policy.rolling and policy.sink_frames > 0
+    early = not policy.rolling or end <= policy.window_frames
+    keep_sink = sampler.keep_sink_on_switch and policy.sink_frames > 0 and not early
     cache.reset(keep_sink=keep_sink)
-    if policy.rolling:  # older frames would be evicted at once and are outside every later block's window
-        first = end - policy.window_frames + (policy.sink_frames if keep_sink else 0)
-        first = max(first, cache.next_frame)
-    else:
+    if early:
         first = 0
-    blocks = [(s, e) for s, e in committed if s >= first]
-    _commit(model, cache, clean, blocks, sampler, noise)
+    else:  # older frames would be evicted at once and are outside every later block's window
+        first = max(end - policy.window_frames + (policy.sink_frames if keep_sink else 0), cache.next_frame)
+    if sampler.recache_mask == "bidirectional":
+        _commit(model, cache, clean, [(first, end)], sampler, noise)
+    else:
+        _commit(model, cache, clean, [(s, e) for s, e in committed if s >= first], sampler, noise)

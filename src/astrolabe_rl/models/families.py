@@ -7,6 +7,7 @@ A family is data, not a subclass: the same `CausalWan` and the same `rollout` ru
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from astrolabe_rl.models.attention import block_bounds
 from astrolabe_rl.models.kv_cache import CachePolicy
@@ -17,6 +18,9 @@ from astrolabe_rl.models.schedule import (
     self_forcing_steps,
 )
 from astrolabe_rl.models.wan import WanConfig
+
+
+RECACHE_MASKS = ("block_causal", "bidirectional")
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,14 @@ class SamplerConfig:
         recache_on_switch: on a prompt switch, re-encode the last window of clean frames under the new prompt
             (LongLive); otherwise only the cross-attention K/V change.
         keep_sink_on_switch: keep the sink's K/V from the first prompt during a re-cache (LongLive ``global_sink``).
+            Only once the window has rolled: a switch at latent frame ``s <= window_frames`` re-encodes every
+            committed frame, the sink included, under the new prompt (LongLive's re-cache pass then starts at frame
+            0, which its cache does not treat as a recompute, so the sink is overwritten).
+        recache_mask: attention among the re-encoded frames of a re-cache. ``block_causal``: each block sees the
+            blocks before it, exactly as when they were first committed. ``bidirectional``: one unmasked pass, every
+            re-encoded frame sees all of them. LongLive uses ``bidirectional``: its pipeline builds a block-causal
+            mask for the re-cache but never hands it to the model, so its released checkpoint was trained and is
+            run with an unmasked re-cache; the preset follows the checkpoint, not the evident intent.
     """
 
     steps: StepSchedule
@@ -39,6 +51,15 @@ class SamplerConfig:
     cache: CachePolicy = field(default_factory=CachePolicy)
     recache_on_switch: bool = True
     keep_sink_on_switch: bool = True
+    recache_mask: Literal["block_causal", "bidirectional"] = "block_causal"
+
+    def __post_init__(self) -> None:
+        if self.recache_mask not in RECACHE_MASKS:
+            raise ValueError(f"recache_mask={self.recache_mask!r}; choose one of {', '.join(RECACHE_MASKS)}")
+
+    def with_recache_mask(self, mask: str) -> "SamplerConfig":
+        """This sampler with a user's re-cache mask; ``auto`` keeps the family's (what its checkpoint was run with)."""
+        return self if mask == "auto" else replace(self, recache_mask=mask)
 
     def block_bounds(self, num_frames: int, start_frame: int = 0) -> list[tuple[int, int]]:
         """Blocks covering ``[start_frame, start_frame + num_frames)``; only the video's first block is special."""
@@ -109,7 +130,8 @@ FAMILIES: dict[str, Family] = {
                SamplerConfig(causal_forcing_pp_steps(1), frames_per_block=1),
                description="Causal Forcing++ frame-wise 1-step (first block 4 steps)"),
         Family("longlive", WanConfig.wan_1_3b(),
-               replace(_SF, cache=CachePolicy(window_frames=12, sink_frames=3)), checkpoint_key="generator",
+               replace(_SF, cache=CachePolicy(window_frames=12, sink_frames=3), recache_mask="bidirectional"),
+               checkpoint_key="generator",
                description="LongLive 1.3B (base + LoRA), 12-frame window with a 3-frame sink, KV re-cache"),
         Family("causvid", WanConfig.wan_1_3b(), SamplerConfig(causvid_steps()), checkpoint_key="generator",
                description="CausVid autoregressive, shift 8, 3 steps"),

@@ -394,11 +394,24 @@ class CausalWan(nn.Module):
     # ---------------------------------------------------------------- pieces
 
     def encode_text(self, context: Tensor) -> TextKV:
-        """Project text embeddings ``[B, L, text_dim]`` and compute every layer's cross-attention K/V once."""
-        if context.shape[-1] != self.config.text_dim:
+        """Project text embeddings ``[B, L, text_dim]`` and compute every layer's cross-attention K/V once.
+
+        A context shorter than ``text_len`` is zero-padded to it first, as the official model does: the padded rows
+        go through the text MLP (whose biases make them non-zero) and are attended to, so ``L`` tokens and their
+        zero-padded ``text_len`` form must give the same K/V. A longer context has no official meaning and is
+        rejected.
+        """
+        cfg = self.config
+        if context.shape[-1] != cfg.text_dim:
             raise ValueError(
-                f"text embeddings have width {context.shape[-1]}, the model expects text_dim={self.config.text_dim}"
+                f"text embeddings have width {context.shape[-1]}, the model expects text_dim={cfg.text_dim}"
             )
+        if context.shape[1] > cfg.text_len:
+            raise ValueError(
+                f"text embeddings have {context.shape[1]} tokens, more than the model's text_len={cfg.text_len}; "
+                f"truncate the prompt to {cfg.text_len} tokens when encoding it (umT5: max_length={cfg.text_len})"
+            )
+        context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
         ctx = self.text_embedding(context.to(self.dtype))
         return [block.cross_attn.text_kv(ctx) for block in self.blocks]
 
