@@ -115,3 +115,14 @@ def test_prompt_reaches_the_model(video):
     text = _qwen.chat_text(hpsv3.user_text("a cat"), "image", 4)
     assert text.count("<|image_pad|>") == 4 and text.count(hpsv3.REWARD_TOKEN) == 1
     assert "Textual prompt - a cat\n" in text
+
+
+def test_position_scheme_is_an_option_defaulting_to_sequential(video):
+    default = build_reward("hpsv3", tiny=True)
+    mrope = build_reward("hpsv3", tiny=True, positions="mrope")
+    assert default.model.positions == "sequential" and mrope.model.positions == "mrope"
+    a = default.score_frames(video[:1, :1], ["a cat"])
+    b = mrope.score_frames(video[:1, :1], ["a cat"])
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="unknown position scheme"):
+        build_reward("hpsv3", tiny=True, positions="M-RoPE")

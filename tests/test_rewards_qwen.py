@@ -194,3 +194,70 @@ def test_gather_tokens_reads_the_first_occurrence_per_row():
     assert _qwen.gather_tokens(hidden, ids, [7, 8])[..., 0].tolist() == [[1.0, 3.0], [5.0, 6.0]]
     with pytest.raises(ValueError, match="missing"):
         _qwen.gather_tokens(hidden, ids, [2])
+
+
+# ---------------------------------------------------------------------------------------- position scheme
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone():
+    """A seeded random 2-layer Qwen2-VL, its tokenizer, and a padded batch of two images of different sizes."""
+    from astrolabe_rl.rewards._common import seeded
+
+    tok = _qwen.tiny_tokenizer(["<|Reward|>"], words="rate this image of a cat please".split())
+    config = _qwen.make_config(tok, **_qwen.TINY)
+    backbone = seeded(11, lambda: _qwen.build_backbone(config, torch.device("cpu"), torch.float32, init=True))
+    geo = _qwen.VisionGeometry.of(config)
+    frames = [smooth_frames(1, 56, 84, seed=4), smooth_frames(1, 56, 56, seed=5)]
+    patches = [_qwen.patchify(_qwen.preprocess(f, f.shape[-2:]), geo) for f in frames]
+    texts = [_qwen.chat_text(t, "image", geo.tokens(g))
+             for t, (_, g) in zip(["rate this image of a cat please <|Reward|>", "rate <|Reward|> cat"], patches)]
+    ids, mask = _qwen.tokenize(tok, texts, torch.device("cpu"))
+    batch = dict(pixel_values=torch.cat([p for p, _ in patches]), grid=torch.tensor([g for _, g in patches]))
+    return backbone, tok, ids, mask, batch
+
+
+def plain_lm_hidden(backbone, ids, mask, pixel_values, grid) -> torch.Tensor:
+    """The reference: the same embedded sequence (token embeddings, vision-tower outputs at the image
+    placeholders) through a plain causal language model, ``transformers.Qwen2Model`` (ordinary 1-D RoPE), holding
+    the backbone's language-model weights, with positions ``0 .. L-1``."""
+    from transformers import Qwen2Config, Qwen2Model
+
+    text = backbone.config.text_config
+    lm = Qwen2Model(Qwen2Config(
+        vocab_size=text.vocab_size, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads, rms_norm_eps=text.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": text.rope_parameters["rope_theta"]},
+        max_position_embeddings=text.max_position_embeddings))
+    lm.load_state_dict(backbone.language_model.state_dict(), strict=True)
+    lm.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        vision = backbone.get_image_features(pixel_values, grid, return_dict=True).pooler_output
+        embeds = backbone.get_input_embeddings()(ids)
+        slots = ids == backbone.config.image_token_id
+        embeds[slots] = torch.cat(list(vision)).to(embeds.dtype)
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        return lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+
+
+def test_sequential_positions_equal_a_plain_causal_lm_and_differ_from_mrope(tiny_backbone):
+    """The released reward checkpoints were trained with 1-D positions over the whole sequence (vision tokens
+    included); "sequential" must reproduce that exactly at the reward token, and M-RoPE must not."""
+    backbone, tok, ids, mask, batch = tiny_backbone
+    reward_id = tok.convert_tokens_to_ids("<|Reward|>")
+    reference = plain_lm_hidden(backbone, ids, mask, **batch)
+    with torch.no_grad():
+        sequential = _qwen.last_hidden(backbone, ids, mask, vision="image", **batch)
+        mrope = _qwen.last_hidden(backbone, ids, mask, vision="image", positions="mrope", **batch)
+    at = lambda h: _qwen.gather_tokens(h, ids, [reward_id])[:, 0]  # noqa: E731
+    torch.testing.assert_close(at(sequential), at(reference), atol=1e-5, rtol=1e-5)
+    real = mask.bool()
+    torch.testing.assert_close(sequential[real], reference[real], atol=1e-5, rtol=1e-5)
+    # every row's reward token moves, by far more than the equality tolerance above
+    assert (at(mrope) - at(reference)).abs().amax(dim=-1).min() > 1e-3
+    first_vision = int((ids[0] == backbone.config.image_token_id).int().argmax())
+    # before the first vision token the two schemes give the same positions, hence the same states
+    torch.testing.assert_close(mrope[:, :first_vision], sequential[:, :first_vision], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown position scheme 'rope3d'.*sequential.*mrope"):
+        _qwen.last_hidden(backbone, ids, mask, vision="image", positions="rope3d", **batch)

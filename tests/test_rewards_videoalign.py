@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from astrolabe_rl.rewards import _qwen, build_reward, videoalign
-from astrolabe_rl.rewards._common import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, seeded
+from astrolabe_rl.rewards._common import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, resize_levels, seeded
 
 PROMPTS = ["a cat", "a red ball rolling to the right"]
 STATS = {"VQ_mean": 1.0, "VQ_std": 2.0, "MQ_mean": -1.0, "MQ_std": 0.5, "TA_mean": 0.0, "TA_std": 4.0}
@@ -143,6 +144,28 @@ def test_frame_path_samples_10_frames_and_grays_mq():
     assert gray[1, 0, 5, 5].round().item() == int(0.2989 * 255 + 0.587 * level + 0.114 * level)  # truncated
 
 
+def test_frames_are_resized_once_as_uint8_tensors():
+    """The released path resizes the sampled uint8 frames once in torch (bicubic, antialiased) and rounds once;
+    MQ's grayscale is taken of the resized RGB. On detailed frames a PIL-like two-pass resize is levels away."""
+    g = torch.Generator().manual_seed(2)
+    video = torch.rand(12, 3, 90, 150, generator=g)  # noise: the detail where resize rules disagree
+    size = (56, 84)
+    u8 = (video * 255).round().clamp(0, 255).to(torch.uint8)[[0, 1, 2, 4, 5, 6, 7, 9, 10, 11]]
+    resized = F.interpolate(u8.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
+    resized = resized.round().clamp(0, 255)
+    mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    levels = lambda x: (x * std + mean) * 255  # noqa: E731 - undo the normalisation
+    rgb = levels(videoalign.sample_frames(video, 10, size))
+    torch.testing.assert_close(rgb, resized, atol=1e-3, rtol=0)
+    luma = (0.2989 * resized[:, 0] + 0.587 * resized[:, 1] + 0.114 * resized[:, 2]).floor()
+    gray = levels(videoalign.sample_frames(video, 10, size, grayscale=True))
+    for c in range(3):
+        torch.testing.assert_close(gray[:, c], luma, atol=1e-3, rtol=0)
+    two_pass = resize_levels(u8.float(), size)
+    assert (two_pass - resized).abs().max() >= 3  # the old PIL-emulating path really is different here
+
+
 def test_heads_share_one_model_and_normalise():
     vq, mq, ta = (build_reward(f"videoalign_{h}", tiny=True) for h in ("vq", "mq", "ta"))
     overall = build_reward("videoalign", tiny=True)
@@ -184,3 +207,16 @@ def test_template_carries_the_three_tokens_in_order():
     assert positions == sorted(positions)
     assert "Textual prompt - a corgi\n" in text
     assert videoalign.NormStats.from_inference_config(STATS).stats["TA"] == (0.0, 4.0)
+
+
+def test_position_scheme_is_an_option_defaulting_to_sequential():
+    video = torch.rand(1, 10, 3, 28, 28, generator=torch.Generator().manual_seed(4))
+    default = build_reward("videoalign_ta", tiny=True)
+    mrope = build_reward("videoalign_ta", tiny=True, positions="mrope")
+    assert default.scorer.model.positions == "sequential" and mrope.scorer.model.positions == "mrope"
+    assert default.scorer is not mrope.scorer
+    default(video, PROMPTS[:1])
+    mrope(video, PROMPTS[:1])
+    assert not torch.allclose(default.extras["raw"], mrope.extras["raw"])
+    with pytest.raises(ValueError, match="unknown position scheme"):
+        build_reward("videoalign_vq", tiny=True, positions="3d")

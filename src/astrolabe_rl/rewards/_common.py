@@ -118,27 +118,43 @@ def quantize(x: Tensor) -> Tensor:
     return (x.float() * 255.0).round().clamp(0.0, 255.0)
 
 
+def bicubic(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """One bicubic, antialiased resize of ``[N, C, H, W]`` to ``size`` (no rounding, no clamping): the kernel
+    PIL and torchvision both use (``F.interpolate(..., mode="bicubic", antialias=True, align_corners=False)``)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return torch.nn.functional.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+
+
 def resize_levels(x: Tensor, size: tuple[int, int]) -> Tensor:
     """Bicubic, antialiased resize of 8-bit levels ``[N, C, H, W]``, emulating PIL on an 8-bit image.
 
-    PIL (which the reference processors use) resizes the width, stores the intermediate as 8-bit, then resizes the
-    height; torch's antialiased bicubic kernel is PIL's. Doing the same two passes with rounding in between matches
-    the processors to one level even on noise (a single pass differs by up to ~12 levels where the bicubic
-    overshoot is clipped).
+    For the pipelines that really resize with PIL (HPSv3's Qwen2-VL image processor, the CLIP image processor):
+    PIL resizes the width, stores the intermediate as 8-bit, then resizes the height; torch's antialiased bicubic
+    kernel is PIL's. Doing the same two passes with rounding in between matches the processors to one level even
+    on noise (a single pass differs by up to ~12 levels where the bicubic overshoot is clipped).
     """
     h, w = size
     for target in ((x.shape[-2], w), (h, w)):
-        if tuple(x.shape[-2:]) != target:
-            x = torch.nn.functional.interpolate(x, size=target, mode="bicubic", antialias=True, align_corners=False)
-            x = x.round().clamp(0.0, 255.0)
+        x = bicubic(x, target).round().clamp(0.0, 255.0)
     return x
 
 
-def normalize(levels: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    """8-bit levels ``[N, C, H, W]`` -> ``(x/255 - mean) / std`` per channel."""
+def resize_once(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bicubic, antialiased resize of 8-bit levels ``[N, C, H, W]`` in one pass, rounded once to 8-bit levels.
+
+    What torchvision's ``resize`` does to a uint8 tensor (interpolate in float, clamp to [0, 255], round): the
+    pipelines that resize uint8 frames in torch (VideoAlign's video path, Astrolabe's in-memory path) use it.
+    """
+    return bicubic(x, size).round().clamp(0.0, 255.0)
+
+
+def normalize(levels: Tensor, mean: tuple[float, ...], std: tuple[float, ...], full: float = 255.0) -> Tensor:
+    """Pixels ``[N, C, H, W]`` -> ``(x/full - mean) / std`` per channel; ``full`` is the value of full intensity
+    (255 for 8-bit levels, 1 for float frames in [0, 1])."""
     m = torch.tensor(mean, device=levels.device, dtype=levels.dtype).view(1, -1, 1, 1)
     s = torch.tensor(std, device=levels.device, dtype=levels.dtype).view(1, -1, 1, 1)
-    return (levels / 255.0 - m) / s
+    return (levels / full - m) / s
 
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

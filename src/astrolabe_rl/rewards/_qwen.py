@@ -6,6 +6,8 @@ state is read at special reward tokens by a small head. This module holds what t
 * torch-only vision preprocessing: ``smart_resize`` (the processor's rule for the resized size) and ``patchify``
   (the processor's flat patch layout), so frames never leave the device or pass through PIL;
 * the Qwen2-VL chat text the checkpoints were trained on, tokenisation and the multimodal token types;
+* the position scheme of the language model (`POSITIONS`): the released reward checkpoints were trained with plain
+  1-D positions over the whole sequence, not Qwen2-VL's 3-D M-RoPE index;
 * checkpoint reading: the official key layouts (transformers 4.45: ``model.*`` = language model, ``visual.*``;
   transformers >= 4.52: ``model.language_model.*``, ``model.visual.*``; peft-wrapped: ``base_model.model.*``,
   ``.base_layer.``, ``.modules_to_save.default.``), LoRA merging, strict loading with errors naming what is missing;
@@ -131,20 +133,44 @@ def tokenize(tokenizer: "PreTrainedTokenizerBase", texts: list[str], device: tor
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
+# Position schemes of the language model (rotary positions of every token, vision placeholders included):
+#   "sequential": 0, 1, ..., L-1 along the sequence, the same value in M-RoPE's three (t, h, w) sections, i.e.
+#                 plain 1-D RoPE. The released HPSv3 and VideoAlign checkpoints were trained and are served this
+#                 way: their forwards embed the vision tokens themselves and call the language model with no
+#                 position ids, which under the transformers release they pin (4.45) means 1-D positions.
+#   "mrope":      Qwen2-VL's 3-D index (vision tokens get (t, h, w) grid positions, later text resumes after the
+#                 largest), what a current ``Qwen2VLModel`` computes when given none; for a checkpoint trained so.
+POSITIONS = ("sequential", "mrope")
+
+
+def check_positions(positions: str) -> str:
+    """``positions`` if it is one of `POSITIONS`, else a ValueError saying what to pass."""
+    if positions not in POSITIONS:
+        raise ValueError(f"unknown position scheme {positions!r}; use 'sequential' (how the released HPSv3 and "
+                         "VideoAlign checkpoints were trained) or 'mrope' (Qwen2-VL's 3-D index)")
+    return positions
+
+
 def last_hidden(backbone: "Qwen2VLModel", input_ids: Tensor, attention_mask: Tensor, *, pixel_values: Tensor,
-                grid: Tensor, vision: str) -> Tensor:
+                grid: Tensor, vision: str, positions: str = "sequential") -> Tensor:
     """Run the backbone on one batch; returns the final hidden states ``[B, L, D]``.
 
     Args:
+        input_ids, attention_mask: ``[B, L]``, right-padded (`tokenize`), so sequential positions of real tokens
+            do not depend on the padding.
         pixel_values: every item's patches concatenated ``[Σ t·h·w, C·tp·p·p]``.
         grid: ``[B, 3]`` (t, h, w) per item.
         vision: "image" or "video" (which placeholder token the patches replace).
+        positions: the rotary position scheme, one of `POSITIONS` ("sequential": ``position_ids = arange(L)``
+            for every row, which the model broadcasts to its three M-RoPE sections; "mrope": the model's 3-D index).
     """
     cfg = backbone.config
     types = (input_ids == cfg.image_token_id).int() + 2 * (input_ids == cfg.video_token_id).int()
     pixels = pixel_values.to(backbone.visual.dtype)
     kwargs = ({"pixel_values": pixels, "image_grid_thw": grid} if vision == "image"
               else {"pixel_values_videos": pixels, "video_grid_thw": grid})
+    if check_positions(positions) == "sequential":
+        kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     out = backbone(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=types, use_cache=False,
                    **kwargs)
     return out.last_hidden_state

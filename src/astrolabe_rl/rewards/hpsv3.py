@@ -7,7 +7,9 @@ prompt and the video reward is the mean of the top 30 % of frame μ; the all-fra
 
 Preprocessing is the checkpoint's fixed 448×448-area image input, done in torch on the reward's device:
 8-bit quantise, ``smart_resize`` with ``min_pixels = max_pixels = 448²`` (480×832 -> 336×588: 252 visual tokens),
-bicubic antialiased resize, CLIP normalisation, Qwen2-VL patchify.
+bicubic antialiased resize emulating PIL's two 8-bit passes (HPSv3 really resizes PIL images), CLIP normalisation,
+Qwen2-VL patchify. The language model runs with 1-D sequential positions over the whole sequence, as the
+checkpoint was trained and as its official forward runs it (`_qwen.POSITIONS`; ``positions="mrope"`` switches).
 
 Files (nothing is downloaded):
     checkpoint  ``HPSv3.safetensors`` (HF ``MizzenAI/HPSv3``): the complete model, official key layout
@@ -129,12 +131,15 @@ class HPSv3Model(nn.Module):
     """Qwen2-VL + ranknet head read at the ``<|Reward|>`` token. ``forward`` returns ``[N, 2]`` = (μ, σ) in fp32.
 
     Build it with `HPSv3Model.from_pretrained` (the official checkpoint) or `HPSv3Model.tiny` (random, for tests).
+    ``positions`` is the language model's rotary position scheme (`_qwen.POSITIONS`): "sequential", the scheme the
+    released checkpoint was trained with, or "mrope" for a checkpoint trained on Qwen2-VL's 3-D index.
     """
 
     def __init__(self, config: "Qwen2VLConfig", reward_token_id: int, head_dims: list[int],
                  head_bias: list[bool] | None = None, *, device: torch.device = torch.device("cpu"),
-                 dtype: torch.dtype = torch.float32, init: bool = True) -> None:
+                 dtype: torch.dtype = torch.float32, init: bool = True, positions: str = "sequential") -> None:
         super().__init__()
+        self.positions = _qwen.check_positions(positions)
         self.backbone = _qwen.build_backbone(config, device, dtype, init)
         self.head = RankHead([config.text_config.hidden_size, *head_dims], head_bias).to(device)
         self.reward_token_id = reward_token_id
@@ -146,13 +151,13 @@ class HPSv3Model(nn.Module):
                 image_grid_thw: Tensor) -> Tensor:
         """One image per row: ``input_ids [N, L]``, patches ``[Σ, 1176]``, grids ``[N, 3]`` -> ``[N, 2]``."""
         hidden = _qwen.last_hidden(self.backbone, input_ids, attention_mask, pixel_values=pixel_values,
-                                   grid=image_grid_thw, vision="image")
+                                   grid=image_grid_thw, vision="image", positions=self.positions)
         return self.head(_qwen.gather_tokens(hidden, input_ids, [self.reward_token_id])[:, 0])
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path | None = None, base: str | Path | None = None, *,
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                        ) -> tuple["HPSv3Model", "PreTrainedTokenizerBase"]:
+                        positions: str = "sequential") -> tuple["HPSv3Model", "PreTrainedTokenizerBase"]:
         """Load the released model: ``HPSv3.safetensors`` + the Qwen2-VL-7B-Instruct config and tokenizer.
 
         Returns the model and its tokenizer (the base tokenizer with ``<|Reward|>`` appended).
@@ -179,18 +184,21 @@ class HPSv3Model(nn.Module):
             raise ValueError(f"{REWARD_TOKEN} has id {token_id} but {ckpt} embeds {vocab} tokens; "
                              f"the tokenizer in {base_dir} does not match the checkpoint")
         config = _qwen.load_config(base_dir, vocab_size=vocab)
-        model = cls(config, token_id, dims, bias, device=dev, dtype=resolve_dtype(dtype, dev), init=False)
+        model = cls(config, token_id, dims, bias, device=dev, dtype=resolve_dtype(dtype, dev), init=False,
+                    positions=positions)
         items = ((heads.get(k) or _qwen.official_key(k), v) for k, v in _qwen.iter_tensors(ckpt))
         _qwen.load_weights(model, ((k, v) for k, v in items if k is not None), str(ckpt))
         return model, tokenizer
 
     @classmethod
-    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu") -> tuple["HPSv3Model", "PreTrainedTokenizerBase"]:
+    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", positions: str = "sequential",
+             ) -> tuple["HPSv3Model", "PreTrainedTokenizerBase"]:
         """A seeded random 2-layer stand-in with the real head shape pattern and the real tokenizer protocol."""
         tokenizer = _qwen.tiny_tokenizer([REWARD_TOKEN], words=user_text("a cat").split())
         token_id = tokenizer.convert_tokens_to_ids(REWARD_TOKEN)
         config = _qwen.make_config(tokenizer, **_qwen.TINY)
-        model = seeded(seed, lambda: cls(config, token_id, [16, 8, 2], device=torch.device(device)))
+        model = seeded(seed, lambda: cls(config, token_id, [16, 8, 2], device=torch.device(device),
+                                         positions=positions))
         return model, tokenizer
 
 
@@ -257,13 +265,17 @@ class HPSv3Reward:
 @register_reward("hpsv3")
 def hpsv3_reward(checkpoint: str | None = None, base: str | None = None, *, device: str | None = None,
                  dtype: str | None = None, top_frac: float | None = 0.3, frames: int | None = None,
-                 frame_batch: int = 8, tiny: bool = False, seed: int = 0) -> HPSv3Reward:
-    """Build the HPSv3 reward (see the module docstring for the files). ``tiny=True`` gives a seeded random
-    stand-in (no files) for tests and plumbing; it uses a 56×56 image area."""
+                 frame_batch: int = 8, positions: str = "sequential", tiny: bool = False,
+                 seed: int = 0) -> HPSv3Reward:
+    """Build the HPSv3 reward (see the module docstring for the files). ``positions`` is the language model's
+    position scheme (`_qwen.POSITIONS`; the released checkpoint's is "sequential"). ``tiny=True`` gives a seeded
+    random stand-in (no files) for tests and plumbing; it uses a 56×56 image area."""
     dev = resolve_device(device)
+    _qwen.check_positions(positions)
     if tiny:
-        model, tok = shared(("hpsv3-tiny", seed, str(dev)), lambda: HPSv3Model.tiny(seed, dev))
+        model, tok = shared(("hpsv3-tiny", seed, str(dev), positions), lambda: HPSv3Model.tiny(seed, dev, positions))
         return HPSv3Reward(model, tok, top_frac, frames, frame_batch, pixels=56 * 56)
-    key = ("hpsv3", str(checkpoint), str(base), str(dev), str(resolve_dtype(dtype, dev)))
-    model, tok = shared(key, lambda: HPSv3Model.from_pretrained(checkpoint, base, device=dev, dtype=dtype))
+    key = ("hpsv3", str(checkpoint), str(base), str(dev), str(resolve_dtype(dtype, dev)), positions)
+    model, tok = shared(key, lambda: HPSv3Model.from_pretrained(checkpoint, base, device=dev, dtype=dtype,
+                                                                positions=positions))
     return HPSv3Reward(model, tok, top_frac, frames, frame_batch)

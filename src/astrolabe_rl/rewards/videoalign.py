@@ -5,13 +5,18 @@ One linear head (``rm_head``, hidden -> 1, no bias) is read at three special tok
 ``<|TA_reward|>`` (text alignment). Each raw logit is z-normalised with the checkpoint's inference statistics
 (`reference/rewards.md` §2.1).
 
-Astrolabe's in-memory path (`reference/astrolabe.md` §4.1), done here in torch on the reward's device: 8-bit
-quantise, 10 frames at ``linspace(0, T-1, 10).round()``, grayscale (3 channels) for MQ and RGB for VQ / TA,
-bicubic antialiased resize to 336×588 whatever the aspect ratio, CLIP normalisation, Qwen2-VL patchify
-(5 temporal patches × 24 × 42 -> 1260 visual tokens).
+Astrolabe's in-memory path (`reference/astrolabe.md` §4.1, `reference/rewards.md` §2.1), done here in torch on the
+reward's device: 8-bit quantise, 10 frames at ``linspace(0, T-1, 10).round()``, one bicubic antialiased resize of
+the 8-bit frames to 336×588 whatever the aspect ratio (rounded once, as torchvision resizes uint8 tensors; no PIL
+anywhere in the released video path), grayscale of the resized RGB (3 channels) for MQ and RGB for VQ / TA, CLIP
+normalisation, Qwen2-VL patchify (5 temporal patches × 24 × 42 -> 1260 visual tokens). The language model runs
+with 1-D sequential positions over the whole sequence, as the checkpoint was trained and as its official forward
+runs it (`_qwen.POSITIONS`; ``positions="mrope"`` switches).
 
-Each head is its own reward (``videoalign_vq``, ``videoalign_mq``, ``videoalign_ta``; ``videoalign`` is the mean
-of the three, Astrolabe's "Overall"), and all of them share one model instance per (checkpoint, device, dtype).
+Each head is its own reward (``videoalign_vq``, ``videoalign_mq``, ``videoalign_ta``), and all of them share one
+model instance per (checkpoint, device, dtype, position scheme). ``videoalign`` is "Overall": here the **mean** of
+the three z-scores, as Astrolabe uses it. Upstream VideoAlign's ``inference.py`` reports the **sum** (3× ours);
+multiply by 3 to compare with numbers quoted from it.
 
 Files (nothing is downloaded):
     checkpoint  the ``KwaiVGI/VideoReward`` (a.k.a. ``KlingTeam/VideoReward``) folder: ``model_config.json`` and
@@ -43,7 +48,7 @@ from astrolabe_rl.rewards._common import (
     find_path,
     normalize,
     quantize,
-    resize_levels,
+    resize_once,
     resolve_device,
     resolve_dtype,
     reward_root,
@@ -119,15 +124,16 @@ def sample_frames(video: Tensor, num_frames: int = NUM_FRAMES, size: tuple[int, 
                   grayscale: bool = False) -> Tensor:
     """One video ``[T, 3, H, W]`` in [0, 1] -> the model's normalised frames ``[num_frames, 3, *size]``.
 
-    Steps (Astrolabe's in-memory path): 8-bit quantise; frames ``linspace(0, T-1, n).round()``; for MQ, ITU-R 601
-    luma ``0.2989 R + 0.587 G + 0.114 B`` truncated to 8 bits (as torchvision does on uint8) and repeated to three
-    channels; bicubic antialiased resize to ``size``; CLIP normalisation.
+    Steps (the released in-memory path): 8-bit quantise; frames ``linspace(0, T-1, n).round()``; one bicubic
+    antialiased resize of the 8-bit frames to ``size``, rounded once (`resize_once`); for MQ, ITU-R 601 luma
+    ``0.2989 R + 0.587 G + 0.114 B`` of the resized frames, truncated to 8 bits (as torchvision does on uint8) and
+    repeated to three channels; CLIP normalisation.
     """
-    levels = quantize(video[uniform_indices(video.shape[0], num_frames)])
+    levels = resize_once(quantize(video[uniform_indices(video.shape[0], num_frames)]), size)
     if grayscale:
         w = torch.tensor([0.2989, 0.587, 0.114], device=levels.device).view(1, 3, 1, 1)
         levels = (levels * w).sum(dim=1, keepdim=True).floor().expand(-1, 3, -1, -1)
-    return normalize(resize_levels(levels, size), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    return normalize(levels, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
 
 @dataclass(frozen=True)
@@ -153,11 +159,14 @@ class VideoAlignModel(nn.Module):
     """Qwen2-VL + ``Linear(hidden, 1, bias=False)`` read at the VQ, MQ, TA tokens; ``forward`` -> ``[B, 3]`` fp32.
 
     Build it with `VideoAlignModel.from_pretrained` (the released checkpoint) or `VideoAlignModel.tiny`.
+    ``positions`` is the language model's rotary position scheme (`_qwen.POSITIONS`): "sequential", the scheme the
+    released checkpoint was trained with, or "mrope" for a checkpoint trained on Qwen2-VL's 3-D index.
     """
 
     def __init__(self, config: "Qwen2VLConfig", token_ids: list[int], *, device: torch.device = torch.device("cpu"),
-                 dtype: torch.dtype = torch.float32, init: bool = True) -> None:
+                 dtype: torch.dtype = torch.float32, init: bool = True, positions: str = "sequential") -> None:
         super().__init__()
+        self.positions = _qwen.check_positions(positions)
         self.backbone = _qwen.build_backbone(config, device, dtype, init)
         self.head = nn.Linear(config.text_config.hidden_size, 1, bias=False, device=device)
         self.token_ids = list(token_ids)
@@ -169,18 +178,19 @@ class VideoAlignModel(nn.Module):
                 video_grid_thw: Tensor) -> Tensor:
         """One video per row: ``input_ids [B, L]``, patches ``[Σ, 1176]``, grids ``[B, 3]`` -> raw ``[B, 3]``."""
         hidden = _qwen.last_hidden(self.backbone, input_ids, attention_mask, pixel_values=pixel_values_videos,
-                                   grid=video_grid_thw, vision="video")
+                                   grid=video_grid_thw, vision="video", positions=self.positions)
         return self.head(_qwen.gather_tokens(hidden, input_ids, self.token_ids).float())[..., 0]
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path | None = None, base: str | Path | None = None, *,
                         step: int | None = None, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None,
+                        dtype: str | torch.dtype | None = None, positions: str = "sequential",
                         ) -> tuple["VideoAlignModel", "PreTrainedTokenizerBase", NormStats]:
         """Load the released model (either checkpoint layout, see the module docstring).
 
         Args:
             step: which ``checkpoint-<step>`` folder (default: the highest).
+            positions: the language model's position scheme (`_qwen.POSITIONS`).
         Returns:
             The model, its tokenizer (base + the three reward tokens) and the normalisation statistics.
         """
@@ -198,18 +208,19 @@ class VideoAlignModel(nn.Module):
             raise ValueError(f"{ckpt} and {base_dir} hold no token embeddings; is {base_dir} a Qwen2-VL folder?")
         weights[embed_key] = _fit_embeddings(weights[embed_key], len(tokenizer), embed_key in trained, ckpt)
         config = _qwen.load_config(base_dir, vocab_size=weights[embed_key].shape[0])
-        model = cls(config, tokenizer.convert_tokens_to_ids(REWARD_TOKENS), device=dev, dtype=dt, init=False)
+        model = cls(config, tokenizer.convert_tokens_to_ids(REWARD_TOKENS), device=dev, dtype=dt, init=False,
+                    positions=positions)
         _qwen.load_weights(model, weights.items(), str(ckpt))
         return model, tokenizer, NormStats.from_inference_config(cfg.get("inference_config"))
 
     @classmethod
-    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu",
+    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", positions: str = "sequential",
              ) -> tuple["VideoAlignModel", "PreTrainedTokenizerBase", NormStats]:
         """A seeded random 2-layer stand-in with the real tokens, template and head."""
         tokenizer = _qwen.tiny_tokenizer(REWARD_TOKENS, words=user_text("a cat").split())
         ids = tokenizer.convert_tokens_to_ids(REWARD_TOKENS)
         config = _qwen.make_config(tokenizer, **_qwen.TINY)
-        model = seeded(seed, lambda: cls(config, ids, device=torch.device(device)))
+        model = seeded(seed, lambda: cls(config, ids, device=torch.device(device), positions=positions))
         return model, tokenizer, NormStats()
 
 
@@ -352,7 +363,8 @@ class VideoAlignScorer:
 
 @dataclass
 class VideoAlignReward:
-    """One VideoAlign head as a reward: ``head`` in VQ / MQ / TA, or "Overall" (mean of the three z-scores).
+    """One VideoAlign head as a reward: ``head`` in VQ / MQ / TA, or "Overall": the mean of the three z-scores (raw
+    logits with ``normalize=False``), as Astrolabe combines them; upstream's ``inference.py`` sums them instead.
 
     ``extras`` holds ``raw`` ``[B, 3]`` and ``z`` ``[B, 3]`` (VQ, MQ, TA) after each call.
     """
@@ -376,16 +388,18 @@ class VideoAlignReward:
 
 
 def _scorer(checkpoint: str | None, base: str | None, device: str | None, dtype: str | None, tiny: bool, seed: int,
-            num_frames: int, video_batch: int) -> VideoAlignScorer:
+            num_frames: int, video_batch: int, positions: str) -> VideoAlignScorer:
     """The shared scorer for a model config (one model in memory however many heads are used)."""
     dev = resolve_device(device)
+    _qwen.check_positions(positions)
     if tiny:
-        key = ("videoalign-tiny", seed, str(dev))
-        parts = shared(key, lambda: VideoAlignModel.tiny(seed, dev))
+        key = ("videoalign-tiny", seed, str(dev), positions)
+        parts = shared(key, lambda: VideoAlignModel.tiny(seed, dev, positions))
         size = (56, 56)
     else:
-        key = ("videoalign", str(checkpoint), str(base), str(dev), str(resolve_dtype(dtype, dev)))
-        parts = shared(key, lambda: VideoAlignModel.from_pretrained(checkpoint, base, device=dev, dtype=dtype))
+        key = ("videoalign", str(checkpoint), str(base), str(dev), str(resolve_dtype(dtype, dev)), positions)
+        parts = shared(key, lambda: VideoAlignModel.from_pretrained(checkpoint, base, device=dev, dtype=dtype,
+                                                                    positions=positions))
         size = FRAME_SIZE
     return shared(key + ("scorer", num_frames, video_batch),
                   lambda: VideoAlignScorer(*parts, num_frames=num_frames, size=size, video_batch=video_batch))
@@ -394,13 +408,16 @@ def _scorer(checkpoint: str | None, base: str | None, device: str | None, dtype:
 def _factory(head: str, default_gray: bool, name: str):
     def build(checkpoint: str | None = None, base: str | None = None, *, device: str | None = None,
               dtype: str | None = None, grayscale: bool = default_gray, normalize: bool = True,
-              num_frames: int = NUM_FRAMES, video_batch: int = 4, tiny: bool = False, seed: int = 0,
-              ) -> VideoAlignReward:
-        scorer = _scorer(checkpoint, base, device, dtype, tiny, seed, num_frames, video_batch)
+              num_frames: int = NUM_FRAMES, video_batch: int = 4, positions: str = "sequential", tiny: bool = False,
+              seed: int = 0) -> VideoAlignReward:
+        scorer = _scorer(checkpoint, base, device, dtype, tiny, seed, num_frames, video_batch, positions)
         return VideoAlignReward(scorer, head, grayscale, normalize, name=name)
 
-    build.__doc__ = (f"VideoAlign {head} reward ({'grayscale' if default_gray else 'RGB'} input by default); "
-                     "files as in the module docstring, ``tiny=True`` for a random stand-in (56×56 frames).")
+    what = "the mean of the VQ, MQ, TA z-scores (upstream sums them)" if head == "Overall" else head
+    build.__doc__ = (f"VideoAlign {what} reward ({'grayscale' if default_gray else 'RGB'} input by default); "
+                     "files as in the module docstring; ``positions`` is the language model's position scheme "
+                     "(`_qwen.POSITIONS`, the checkpoint's is \"sequential\"); ``tiny=True`` for a random stand-in "
+                     "(56×56 frames).")
     return build
 
 
