@@ -1,19 +1,29 @@
-"""The shipped toy DiT: where its weights live, how they are saved and loaded.
+"""The shipped toy DiT: where its weights live, how they are saved and loaded, and the toy family's loader.
 
-The geometry is the ``toy`` family preset (`models.families.toy_wan_config`); the weights are a plain
-safetensors state dict with the original Wan key names, stored in float16 and loaded into float32.
+The geometry is the ``toy`` family preset (`models.families.TOY_WAN`); the weights are a plain safetensors state
+dict with the original Wan key names, stored in float16 and loaded into float32. `LOADER` is what the ``toy``
+family's preset names (`models.build.FamilyLoader`): the shipped weights (or ``--checkpoint``), the word-table text
+encoder and the exact toy VAE, so ``generate``, ``evaluate``, ``merge-lora`` and training build it like any family.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from astrolabe_rl.models.families import get_family
+from torch import Tensor
+
+from astrolabe_rl.models.families import Family, get_family
 from astrolabe_rl.models.wan import CausalWan
 
+if TYPE_CHECKING:
+    from astrolabe_rl.models.build import ModelSource
+    from astrolabe_rl.toy.text import ToyTextEncoder
+
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "toy.safetensors"
+FM_WEIGHTS = WEIGHTS.with_name("toy_fm.safetensors")  # the flow-matching base, kept for comparison (family toy_fm)
 
 
 def save_weights(model: CausalWan, path: str | Path) -> Path:
@@ -44,3 +54,31 @@ def load_toy_model(path: str | Path | None = None, device: torch.device | str = 
     if missing or unexpected:
         raise ValueError(f"{path} is not a toy-model state dict: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.to(device, dtype).eval().requires_grad_(False)
+
+
+class ToyDecoder:
+    """The exact toy VAE as a `models.build.Decoder`: frame-wise, so streaming is decoding each block."""
+
+    def decode(self, latents: Tensor) -> Tensor:
+        from astrolabe_rl.toy import vae
+
+        return vae.decode(latents)
+
+    def stream(self) -> Callable[[Tensor], Tensor]:
+        return self.decode
+
+
+class _ToyLoader:
+    def dit(self, family: Family, source: ModelSource, device: torch.device, dtype: torch.dtype) -> CausalWan:
+        return load_toy_model(source.checkpoint, device, dtype)
+
+    def text_encoder(self, family: Family, source: ModelSource, device: torch.device, dtype: torch.dtype) -> "ToyTextEncoder":
+        from astrolabe_rl.toy.text import ToyTextEncoder
+
+        return ToyTextEncoder()
+
+    def decoder(self, family: Family, source: ModelSource, device: torch.device, dtype: torch.dtype) -> ToyDecoder:
+        return ToyDecoder()
+
+
+LOADER = _ToyLoader()

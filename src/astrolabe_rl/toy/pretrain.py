@@ -115,7 +115,9 @@ def flow_loss(model: CausalWan, x0: Tensor, text: Tensor, sigma_blocks: Tensor, 
     sigma = sigma_blocks.repeat_interleave(fpb, dim=1)  # [B, F]
     s = sigma[:, :, None, None, None].to(x0.dtype)
     x_t = (1 - s) * x0 + s * noise
-    v = model(x_t, sigma * 1000.0, text, frames_per_block=fpb, clean=x0, t_clean=0.0)
+    # one block spanning the clip is bidirectional attention (the teacher): no block sees clean context then
+    clean = x0 if sigma_blocks.shape[1] > 1 else None
+    v = model(x_t, sigma * 1000.0, text, frames_per_block=fpb, clean=clean, t_clean=0.0)
     target = noise - x0
     if mean is not None:
         pure = (sigma_blocks[:, 0] == 1.0)[:, None, None, None, None]
@@ -125,21 +127,26 @@ def flow_loss(model: CausalWan, x0: Tensor, text: Tensor, sigma_blocks: Tensor, 
 
 
 @torch.no_grad()
-def validation_loss(model: CausalWan, encoder: ToyTextEncoder, grid: tuple[float, ...], shift: float) -> float:
+def validation_loss(model: CausalWan, encoder: ToyTextEncoder, grid: tuple[float, ...], shift: float,
+                    bidirectional: bool = False) -> float:
     """The loss on a fixed batch (64 train-split clips, fixed σ and ε): comparable across runs and checkpoints."""
     g = torch.Generator().manual_seed(12345)
     prompts = world.split("train")
     picks, x0 = batch_of(0, 64, 987, prompts, 0.0, g)  # clean captions: the loss on the world as it is
-    sig = sample_sigmas(64, x0.shape[1] // 3, grid, shift, g)
+    sig = sample_sigmas(64, 1 if bidirectional else x0.shape[1] // 3, grid, shift, g)
     noise = torch.randn(x0.shape, generator=g)
     return float(flow_loss(model, x0, encoder([prompts[i] for i in picks]), sig, noise))
 
 
 def pretrain(
     steps: int, batch: int, lr: float, warmup: int, weight_decay: float, ema: float, seed: int, caption_noise: float,
-    out: Path, log_every: int = 50, save_every: int = 100,
+    out: Path, log_every: int = 50, save_every: int = 100, bidirectional: bool = False, init: Path | None = None,
 ) -> dict:
-    """Train from scratch and write ``out`` (+ ``out.json`` with the recipe and results). Returns the record.
+    """Train from scratch (or from the weights file ``init``) and write ``out`` (+ ``out.json`` with the recipe and
+    results). Returns the record.
+
+    ``bidirectional``: the distillation teacher (`toy.distill`): one σ per clip and one attention block spanning it
+    (every frame sees every other), instead of one σ per 3-frame block under the block-causal teacher-forcing mask.
 
     Every ``save_every`` steps the full state (weights, EMA, optimiser, schedule, data/noise generator, curve) goes
     to ``out.with_suffix(".state.pt")``; a run started with the same arguments resumes from it bit-exactly, so an
@@ -148,6 +155,8 @@ def pretrain(
     family = get_family("toy")
     torch.manual_seed(seed)
     model = CausalWan(family.model)
+    if init is not None:
+        model.load_state_dict(load_toy_model(init).state_dict())
     encoder = ToyTextEncoder()
     shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
@@ -160,14 +169,16 @@ def pretrain(
     if not 0.0 <= caption_noise <= 1.0:
         raise ValueError(f"caption_noise is a probability; got {caption_noise}")
     run = {"step": 0, "running": None, "history": [], "wall": 0.0, "cpu": 0.0,
-           "args": [steps, batch, lr, warmup, weight_decay, ema, seed, caption_noise]}
+           "args": [steps, batch, lr, warmup, weight_decay, ema, seed, caption_noise, bidirectional,
+                    None if init is None else str(init)]}
     state_file = out.with_suffix(".state.pt")
     if state_file.is_file():
         run = _resume(state_file, run, model, shadow, opt, sched, g)
     start, cpu = time.perf_counter() - run["wall"], time.process_time() - run["cpu"]
     for step in range(run["step"], steps):
         picks, x0 = batch_of(step, batch, seed, prompts, caption_noise, g)
-        sig = sample_sigmas(batch, x0.shape[1] // family.sampler.frames_per_block, grid, shift, g)
+        blocks = 1 if bidirectional else x0.shape[1] // family.sampler.frames_per_block
+        sig = sample_sigmas(batch, blocks, grid, shift, g)
         loss = flow_loss(model, x0, encoder([prompts[i] for i in picks]), sig, torch.randn(x0.shape, generator=g),
                          torch.stack([prompt_mean(prompts[i], caption_noise) for i in picks]))
         opt.zero_grad(set_to_none=True)
@@ -193,11 +204,14 @@ def pretrain(
     record = {
         "seed": seed, "steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
         "ema": ema, "caption_noise": caption_noise, "noisy_slots": list(NOISY_SLOTS),
-        "sigma_sampling": "per 3-frame block: 1/2 sampler grid, 1/2 shift5(U(0,1))",
+        "attention": "bidirectional" if bidirectional else "block-causal (3-frame blocks, teacher forcing)",
+        "init": None if init is None else Path(init).name,
+        "sigma_sampling": ("per clip" if bidirectional else "per 3-frame block")
+        + ": 1/2 sampler grid, 1/2 shift5(U(0,1))",
         "first_block_sigma1_target": "eps - E[x0 | caption] (64-sample mean over seeds and caption errors)",
         "final_train_loss_smoothed": round(run["running"], 5),
         # measured on the saved float16 EMA weights, so a loaded model reproduces it
-        "val_loss": round(validation_loss(load_toy_model(out), encoder, grid, shift), 5),
+        "val_loss": round(validation_loss(load_toy_model(out), encoder, grid, shift, bidirectional), 5),
         "wall_s": round(run["wall"], 1), "cpu_s": round(run["cpu"], 1), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "model": family.model.to_dict(), "world": world.WORLD.__dict__,
         "vae": {"factor": vae.FACTOR, "scale": vae.SCALE}, "train_prompts": len(prompts), "curve": run["history"],
