@@ -47,9 +47,49 @@ def test_matches_the_masked_transformers_forward(encoder):
     torch.testing.assert_close(encoder(PROMPTS[:2]), expected)  # ... which is why we zero them
 
 
+# Prompts a user may well write, and what Wan's cleaning (ftfy.fix_text, HTML unescape, whitespace) makes of them.
+DIRTY = {
+    "a cat on a mat": "a cat on a mat",
+    "\u201cHello,\u201d she said \u2014 it\u2019s fine": '"Hello," she said \u2014 it\'s fine',  # curly quotes
+    "an \ufb01ne \ufb02ower": "an fine flower",  # ligatures
+    "\uff28\uff25\uff2c\uff2c\uff2f \uff57\uff4f\uff52\uff4c\uff44": "HELLO world",  # full-width
+    "caf\u00c3\u00a9 au lait": "caf\u00e9 au lait",  # mojibake (UTF-8 read as Latin-1)
+    "red\x00 ball\x1b here": "red ball here",  # control characters
+    "cafe\u0301 cre\u0300me": "caf\u00e9 cr\u00e8me",  # decomposed accents -> composed (NFC)
+    "  a &amp;amp;  red\n\tball ": "a & red ball",  # HTML escapes, whitespace
+}
+
+
 def test_prompt_is_cleaned_like_the_official_encoder(encoder):
-    assert clean_prompt("  a &amp;amp;  red\n\tball ") == "a & red ball"
+    import html
+
+    import ftfy
+
+    for dirty, clean in DIRTY.items():
+        assert clean_prompt(dirty) == " ".join(html.unescape(html.unescape(ftfy.fix_text(dirty))).split()) == clean
+    without_ftfy = [d for d in DIRTY if " ".join(html.unescape(html.unescape(d)).split()) != DIRTY[d]]
+    assert len(without_ftfy) == 6  # what the cleaning without ftfy got wrong
     torch.testing.assert_close(encoder(["  a   red\nball "]), encoder(["a red ball"]))
+    torch.testing.assert_close(encoder(["\u201ca\u201d red\x00 ball"]), encoder(['"a" red ball']))
+
+
+def test_non_finite_padding_rows_become_zero(encoder):
+    """Padding rows are assigned zero, so whatever the encoder leaves there (here inf and nan) cannot survive."""
+    def poison(module, args, kwargs, out):
+        pad = kwargs["attention_mask"] == 0
+        out.last_hidden_state[pad] = float("nan")
+        b, t = pad.nonzero()[0].tolist()
+        out.last_hidden_state[b, t] = float("inf")  # one padding row inf, the others nan
+        return out
+
+    handle = encoder.model.register_forward_hook(poison, with_kwargs=True)
+    try:
+        emb = encoder(PROMPTS[:2])
+    finally:
+        handle.remove()
+    assert torch.isfinite(emb).all()
+    assert torch.equal(emb[1, 3:], torch.zeros_like(emb[1, 3:]))  # blue cube </s>, then padding
+    torch.testing.assert_close(emb[:, :3], encoder(PROMPTS[:2])[:, :3])
 
 
 def test_wan_key_map_round_trips(encoder):
@@ -118,3 +158,22 @@ def test_prompt_cache_encodes_each_prompt_once(tmp_path, encoder):
     assert other.missing(PROMPTS) == PROMPTS
     with pytest.raises(KeyError, match="not cached yet"):
         other(PROMPTS)
+
+
+def test_prompt_cache_key_covers_the_cleaned_prompt(tmp_path, encoder, monkeypatch):
+    """An entry is reused only under the cleaning it was encoded with: when the cleaning of a prompt changes (as
+    adding ftfy.fix_text did for curly quotes), its old entry is not found; prompts it leaves alone still are."""
+    import html
+
+    from astrolabe_rl.models import text
+
+    curly, plain = "\u201ca\u201d red ball", "a red ball"
+    old_rule = lambda t: " ".join(html.unescape(html.unescape(t)).split())  # noqa: E731 - the rule before ftfy
+    monkeypatch.setattr(text, "clean_prompt", old_rule)
+    old = PromptCache(tmp_path, encoder.cache_id)
+    old.put(curly, torch.ones(8, 16))
+    old.put(plain, torch.ones(8, 16))
+    monkeypatch.undo()
+    cache = PromptCache(tmp_path, encoder.cache_id)
+    assert cache.missing([curly, plain]) == [curly]
+    assert cache.get(plain) is not None

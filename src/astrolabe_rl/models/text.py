@@ -1,8 +1,9 @@
 """Text conditioning: the encoder protocol, the umT5-XXL encoder, a deterministic hashing encoder, a prompt cache.
 
 Real models use umT5-XXL through transformers' ``UMT5EncoderModel`` (`reference/ar_models.md` §1.4): prompts are
-whitespace-cleaned, tokenised to exactly ``text_len`` = 512 tokens (``</s>`` appended, padded, truncated), encoded
-with the attention mask, and every row after the prompt's last token is set to zero, as the official encoder does.
+cleaned as Wan's tokenizer does (`clean_prompt`: ``ftfy.fix_text``, HTML unescape, whitespace), tokenised to exactly
+``text_len`` = 512 tokens (``</s>`` appended, padded, truncated), encoded with the attention mask, and every row
+after the prompt's last token is set to zero, as the official encoder does.
 Weights come from a Wan2.1 folder, in either layout:
 
 * original: ``models_t5_umt5-xxl-enc-bf16.pth`` (Wan's own T5 naming, converted on load by `wan_t5_to_hf`) and the
@@ -12,10 +13,10 @@ Weights come from a Wan2.1 folder, in either layout:
 A tiny model needs no language model: `HashTextEncoder` maps each word to a fixed random vector, and
 `tiny_umt5_encoder` builds a random 2-layer ``UMT5EncoderModel`` with an offline word-level tokenizer for tests.
 
-`PromptCache` stores each prompt's embedding on disk keyed by (encoder, prompt), so training never encodes a prompt
-twice (and the 11 GB encoder need not be loaded at all once every prompt is cached).
+`PromptCache` stores each prompt's embedding on disk keyed by (encoder, prompt, cleaned prompt), so training never
+encodes a prompt twice (and the 11 GB encoder need not be loaded at all once every prompt is cached).
 
-transformers is imported inside the functions that need it.
+transformers and ftfy are imported inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -97,8 +98,13 @@ class HashTextEncoder:
 
 
 def clean_prompt(text: str) -> str:
-    """The official ``clean='whitespace'`` preprocessing: undo HTML escapes, collapse runs of whitespace."""
-    return " ".join(html.unescape(html.unescape(text)).split())
+    """Wan's ``clean='whitespace'`` prompt preprocessing: ``ftfy.fix_text`` (mojibake, curly quotes, ligatures,
+    full-width characters, control characters, NFC composition), then HTML escapes undone twice, then runs of
+    whitespace collapsed to one space and the ends stripped. Each step changes token ids, so all three must match
+    the tokenizer the model was trained with."""
+    import ftfy
+
+    return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split())
 
 
 class UMT5TextEncoder:
@@ -132,7 +138,8 @@ class UMT5TextEncoder:
         mask = tokens["attention_mask"].to(device)
         hidden = self.model(input_ids=tokens["input_ids"].to(device), attention_mask=mask).last_hidden_state
         # Padding rows are not zero at the encoder's output; the DiT attends to every row, so zero them as Wan does.
-        return hidden * mask[..., None].to(hidden.dtype)
+        # Assigned, not multiplied by the mask: 0 · inf or 0 · nan in a padding row would stay non-finite.
+        return hidden.masked_fill(~mask.bool()[..., None], 0.0)
 
 
 def umt5_id(name: str, text_len: int, dtype: torch.dtype) -> str:
@@ -324,7 +331,9 @@ class PromptCache:
     """Prompt embeddings on disk, one small safetensors file per (encoder, prompt).
 
     Files hold only the prompt's rows (the zero padding is rebuilt on read) in the encoder's dtype; writes are
-    atomic, so several ranks may fill the same directory.
+    atomic, so several ranks may fill the same directory. The key also covers the prompt as `clean_prompt` turns it
+    into tokenizer input: an entry written under another cleaning rule (e.g. before ``ftfy.fix_text`` was part of
+    it, or by another ftfy release that fixes this prompt differently) is never reused, it is re-encoded.
 
     Args:
         directory: where the files live (created).
@@ -338,8 +347,12 @@ class PromptCache:
         self.encoder_id = encoder_id
         self._memory: dict[str, Tensor] = {}
 
+    def _key(self, prompt: str) -> str:
+        """What an entry must match: the encoder, the prompt and its cleaned text."""
+        return f"{self.encoder_id}\x00{prompt}\x00{clean_prompt(prompt)}"
+
     def path(self, prompt: str) -> Path:
-        digest = hashlib.sha256(f"{self.encoder_id}\x00{prompt}".encode()).hexdigest()
+        digest = hashlib.sha256(self._key(prompt).encode()).hexdigest()
         return self.directory / f"{digest[:40]}.safetensors"
 
     def get(self, prompt: str) -> Tensor | None:
@@ -352,7 +365,8 @@ class PromptCache:
 
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata()
-                if meta.get("prompt") != prompt or meta.get("encoder") != self.encoder_id:
+                if (meta.get("prompt"), meta.get("encoder"), meta.get("cleaned")) != (
+                        prompt, self.encoder_id, clean_prompt(prompt)):
                     return None  # a hash collision or a foreign file: re-encode rather than trust it
                 rows = f.get_tensor("rows")
             emb = rows.new_zeros(int(meta["text_len"]), rows.shape[1])
@@ -366,7 +380,8 @@ class PromptCache:
 
         nonzero = embedding.detach().abs().amax(dim=-1).nonzero()
         length = int(nonzero[-1]) + 1 if len(nonzero) else 0
-        meta = {"prompt": prompt, "encoder": self.encoder_id, "text_len": str(embedding.shape[0])}
+        meta = {"prompt": prompt, "encoder": self.encoder_id, "cleaned": clean_prompt(prompt),
+                "text_len": str(embedding.shape[0])}
         path = self.path(prompt)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         save_file({"rows": embedding[:length].detach().cpu().contiguous()}, str(tmp), metadata=meta)
