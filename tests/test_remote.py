@@ -139,3 +139,141 @@ def test_serve_reward_parser_defaults_to_loopback():
     args = p.parse_args(["serve-reward", "--reward", "hpsv3,videoalign_mq"])
     assert args.host == "127.0.0.1" and args.port == 8765 and args.max_request_mb == 256.0
     assert callable(args.func)
+
+
+# ------------------------------------------------------------------------------------- a hardened server (issue 15)
+
+import json  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+
+
+def raw_exchange(url: str, send: bytes, read_timeout: float = 5.0) -> tuple[int, dict]:
+    """Send raw bytes to the server on loopback; return the status and the JSON answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=read_timeout) as sock:
+        sock.sendall(send)
+        return read_answer(sock)
+
+
+def read_answer(sock: socket.socket) -> tuple[int, dict]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection without an answer; got {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    length = int(next(v for k, v in (line.split(": ", 1) for line in lines[1:]) if k.lower() == "content-length"))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(lines[0].split()[1]), json.loads(body)
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "1e3", "12abc", "²"])
+def test_a_malformed_content_length_gets_400_and_the_server_keeps_serving(server, value):
+    head = f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {value}\r\n\r\n"
+    status, answer = raw_exchange(server.url, head.encode())
+    assert status == 400 and "Content-Length must be a non-negative integer" in answer["error"], answer
+    status, _ = raw_exchange(server.url, b"POST /score HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 411  # a missing length is still "length required"
+    torch.testing.assert_close(RemoteReward(server.url, "mean")(videos(1), ["a"]), quantised_mean(videos(1)))
+
+
+@pytest.mark.parametrize("stage", ["idle", "headers", "body"])
+def test_a_slow_client_gets_408_at_the_deadline_however_it_trickles(stage):
+    """One byte every 0.1 s never trips a per-read timeout of 0.5 s; the 0.5 s deadline for the request does."""
+    head = b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    sent_at_once, trickled = {"idle": (b"", b""), "headers": (b"", head), "body": (head, b"{" * 100)}[stage]
+    with RewardServer({"mean": FunctionReward("mean", mean_value)}, request_timeout=0.5) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=3.0) as sock:
+            stop = threading.Event()
+
+            def trickle() -> None:
+                for byte in trickled:
+                    if stop.wait(0.1):
+                        return
+                    try:
+                        sock.sendall(bytes([byte]))
+                    except OSError:
+                        return
+
+            start = time.monotonic()
+            sock.sendall(sent_at_once)
+            thread = threading.Thread(target=trickle, daemon=True)
+            thread.start()
+            try:
+                status, answer = read_answer(sock)
+            finally:
+                stop.set()
+                thread.join(timeout=2)
+            elapsed = time.monotonic() - start
+            assert status == 408 and "within 0.5 s" in answer["error"], answer
+            assert 0.4 < elapsed < 1.5, elapsed
+            assert sock.recv(1) == b""  # and the connection is closed
+        # a well-behaved client is served as before
+        torch.testing.assert_close(RemoteReward(srv.url, "mean")(videos(1), ["a"]), quantised_mean(videos(1)))
+
+
+def mp4_item(video: torch.Tensor, **claims: int) -> dict:
+    t, _, h, w = video.shape
+    item = {"id": "0", "prompt": "x", "frames": t, "height": h, "width": w, "encoding": "mp4",
+            "data": encode_video(video, "mp4")}
+    return {**item, **claims}
+
+
+def test_an_mp4_is_checked_against_its_header_before_decoding(server, monkeypatch):
+    import astrolabe_rl.video as video
+
+    def never(*args):
+        raise AssertionError("decoded an mp4 whose header does not match the item")
+
+    real = torch.rand(12, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(video, "_decode_checked", never)
+    for claims, says in [({"frames": 2, "height": 16, "width": 16}, "header says 12 frames of 64×96"),
+                         ({"frames": 12, "height": 32}, "header says 12 frames of 64×96; 12 frames of 32×96")]:
+        status, answer = server.score({"reward": "mean", "items": [mp4_item(real, **claims)]})
+        result = answer["items"][0]
+        assert status == 200 and result["status"] == "error" and says in result["error"], result
+    garbage = {**mp4_item(real[:2]), "data": b"\0\0\0\x18ftypmp42" + b"\xff" * 64}
+    assert "not a readable mp4" in server.score({"reward": "mean", "items": [garbage]})[1]["items"][0]["error"]
+
+
+def test_decoding_stops_at_what_a_lying_header_claims(monkeypatch):
+    import astrolabe_rl.video as video
+
+    real = torch.rand(12, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    data = encode_video(real, "mp4")
+    monkeypatch.setattr(video, "probe_mp4", lambda source: video.Mp4Header(3, 64, 96, 16.0))
+    with pytest.raises(ValueError, match="decodes to more than the 3 frames"):
+        video.read_mp4_bounded(data, 3, 64, 96)
+    monkeypatch.setattr(video, "probe_mp4", lambda source: video.Mp4Header(12, 32, 48, 16.0))
+    with pytest.raises(ValueError, match="frame 0 of the mp4 is 64×96, not the 32×48"):
+        video.read_mp4_bounded(data, 12, 32, 48)
+    monkeypatch.setattr(video, "probe_mp4", lambda source: video.Mp4Header(20, 64, 96, 16.0))
+    with pytest.raises(ValueError, match="decodes to 12 frames; its header says 20"):
+        video.read_mp4_bounded(data, 20, 64, 96)
+
+
+def test_decoded_bytes_per_request_are_bounded_and_the_client_splits_on_them():
+    v = videos(3, 2, 16, 16)  # 1536 decoded bytes each
+    with RewardServer({"mean": FunctionReward("mean", mean_value)}, max_decoded_bytes=2 * 1536) as srv:
+        items = [{"id": str(i), "prompt": "p", "frames": 2, "height": 16, "width": 16, "encoding": "rgb24",
+                  "data": encode_video(v[i])} for i in range(3)]
+        status, answer = srv.score({"reward": "mean", "items": items})
+        assert [r["status"] for r in answer["items"]] == ["ok", "ok", "error"]
+        assert "max_decoded_bytes=3072" in answer["items"][2]["error"]
+        assert srv.info()["max_decoded_bytes"] == 3072
+        split = RemoteReward(srv.url, "mean", max_decoded_bytes=3072)
+        torch.testing.assert_close(split(v, ["a", "b", "c"]), quantised_mean(v))
+        alone = RemoteReward(srv.url, "mean", max_decoded_bytes=1000)
+        assert torch.isnan(alone(v, ["a", "b", "c"])).all() and "over max_decoded_bytes=1000" in alone.extras["errors"][0]
+
+
+@pytest.mark.parametrize("claims", [{"frames": 0}, {"height": -4}, {"width": "16"}, {"frames": True}])
+def test_an_item_must_declare_a_positive_integer_shape(server, claims):
+    item = {"id": "0", "prompt": "x", "frames": 2, "height": 4, "width": 4, "encoding": "rgb24",
+            "data": b"\0" * 96, **claims}
+    result = server.score({"reward": "mean", "items": [item]})[1]["items"][0]
+    assert result["status"] == "error" and "positive integers" in result["error"], result

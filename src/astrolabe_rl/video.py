@@ -15,6 +15,8 @@ PyAV and Pillow are imported inside the functions that need them.
 
 from __future__ import annotations
 
+import io
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -119,6 +121,77 @@ def read_mp4(path: str | Path) -> tuple[Tensor, float]:
         raise ValueError(f"{path} holds no decodable frames")
     pixels = torch.from_numpy(np.stack(images))  # [T, H, W, 3] uint8
     return pixels.permute(0, 3, 1, 2).float() / 255, float(rate) if rate else float("nan")
+
+
+@dataclass(frozen=True)
+class Mp4Header:
+    """What an mp4's container header says about its first video stream, before any frame is decoded."""
+
+    frames: int  # sample count of the stream's index (0 when the header does not say, e.g. a fragmented mp4)
+    height: int
+    width: int
+    fps: float  # NaN when unknown
+
+
+def probe_mp4(source: str | Path | bytes) -> Mp4Header:
+    """Read the frame count and frame size of the first video stream of an mp4 (a path or the file's bytes) from
+    its container header, without decoding the stream (at most the few frames FFmpeg's stream probe looks at)."""
+    import av
+
+    src = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
+    try:
+        with av.open(src) as container:
+            if not container.streams.video:
+                raise ValueError("the mp4 has no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            return Mp4Header(int(stream.frames or 0), int(stream.codec_context.height or 0),
+                             int(stream.codec_context.width or 0), float(rate) if rate else float("nan"))
+    except av.FFmpegError as e:
+        raise ValueError(f"not a readable mp4: {e}") from None
+
+
+def read_mp4_bounded(source: str | Path | bytes, frames: int, height: int, width: int) -> Tensor:
+    """Decode an mp4 expected to hold exactly ``frames`` frames of ``height × width`` into float ``[T, 3, H, W]``.
+
+    Untrusted input costs at most what it claims: the container header is checked first (`probe_mp4`), and
+    decoding stops at the first frame past the count or of another size (a header can lie about its stream), so
+    at most ``frames × height × width × 3`` decoded bytes are held (plus the few frames in flight in the decoder), whatever the
+    file decodes to. Raises ValueError saying which expectation failed.
+    """
+    if min(frames, height, width) < 1:
+        raise ValueError(f"expected a positive frame count and size; got {frames} frames of {height}×{width}")
+    header = probe_mp4(source)
+    if header.frames == 0:
+        raise ValueError("the mp4 header gives no frame count (a fragmented or streamed mp4?); send a plain mp4")
+    if (header.frames, header.height, header.width) != (frames, height, width):
+        raise ValueError(f"the mp4 header says {header.frames} frames of {header.height}×{header.width}; "
+                         f"{frames} frames of {height}×{width} expected")
+    return _decode_checked(source, frames, height, width)
+
+
+def _decode_checked(source: str | Path | bytes, frames: int, height: int, width: int) -> Tensor:
+    """Decode into a ``[frames, height, width, 3]`` buffer, stopping at the first frame past it (`read_mp4_bounded`)."""
+    import av
+
+    pixels = torch.empty(frames, height, width, 3, dtype=torch.uint8)
+    count = 0
+    src = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
+    try:
+        with av.open(src) as container:
+            for frame in container.decode(container.streams.video[0]):
+                if count == frames:
+                    raise ValueError(f"the mp4 decodes to more than the {frames} frames its header says")
+                if (frame.height, frame.width) != (height, width):
+                    raise ValueError(f"frame {count} of the mp4 is {frame.height}×{frame.width}, not the "
+                                     f"{height}×{width} its header says")
+                pixels[count] = torch.from_numpy(frame.to_ndarray(format="rgb24"))
+                count += 1
+    except av.FFmpegError as e:
+        raise ValueError(f"the mp4 does not decode: {e}") from None
+    if count != frames:
+        raise ValueError(f"the mp4 decodes to {count} frames; its header says {frames}")
+    return pixels.permute(0, 3, 1, 2).float() / 255
 
 
 def caption_frames(frames: Tensor, lines: list[str]) -> Tensor:

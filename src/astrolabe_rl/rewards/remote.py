@@ -19,11 +19,19 @@ Protocol ``astrolabe-reward/1`` (language-neutral; HTTP/1.1, standard library on
     {"protocol": "astrolabe-reward/1", "reward": "hpsv3", "elapsed_s": 0.8,
      "items": [{"id": "0", "status": "ok", "score": 7.12}, {"id": "1", "status": "error", "error": "..."}]}
 
-Status codes: 200 (per-item status inside), 400 malformed, 404 unknown path or reward, 413 request over the
-server's ``max_request_bytes`` (checked from ``Content-Length`` before anything is read), 500 server fault.
-``GET /health`` answers ``{"status": "ok"}``; ``GET /info`` lists the rewards, the size limit and versions.
+Status codes: 200 (per-item status inside), 400 malformed (a ``Content-Length`` that is not a non-negative
+integer included), 404 unknown path or reward, 408 request not read within the server's ``request_timeout`` (one
+deadline for the whole request, however slowly its bytes trickle in; the connection is then closed), 411 no
+``Content-Length``, 413 request over the server's ``max_request_bytes`` (checked from ``Content-Length`` before
+anything is read), 500 server fault. ``GET /health`` answers ``{"status": "ok"}``; ``GET /info`` lists the rewards,
+the limits and versions.
 
-The client splits a batch into requests under its own size limit, retries transport failures (connection
+Decoded memory is bounded too: the frames an item declares (``frames × height × width × 3`` bytes) count
+against the server's ``max_decoded_bytes`` per request before anything is decoded; an mp4's frame count and size
+are checked against its container header before decoding, and decoding stops at the first frame beyond them. An
+item over a limit fails alone, with a message.
+
+The client splits a batch into requests under its own size limits (encoded and decoded bytes), retries transport failures (connection
 refused, timeouts, 5xx) a bounded number of times with exponential backoff, never retries a 4xx, and returns NaN
 for every item that failed (NaN marks a failed sample everywhere in the trainer, so a lost reward never becomes a
 fake 0). After a transport failure it fails fast for ``cooldown_s`` so a dead server does not cost a timeout per
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import io
 import json
 import math
 import threading
@@ -74,20 +83,32 @@ def encode_video(frames: Tensor, encoding: str = "rgb24", fps: float = 16.0) -> 
     raise ValueError(f"unknown encoding {encoding!r}; use 'rgb24' or 'mp4'")
 
 
+def item_shape(item: dict[str, Any]) -> tuple[int, int, int]:
+    """The ``(frames, height, width)`` an item declares; raises ValueError unless all three are positive integers."""
+    shape = tuple(item.get(k) for k in ("frames", "height", "width"))
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
+        raise ValueError(f"frames, height and width must be positive integers; got {shape}")
+    return shape  # type: ignore[return-value]
+
+
 def decode_video(item: dict[str, Any]) -> Tensor:
-    """A request item -> float frames ``[T, 3, H, W]`` in [0, 1]; raises ValueError saying what is wrong."""
-    t, h, w = (int(item[k]) for k in ("frames", "height", "width"))
-    data = item["data"]
+    """A request item -> float frames ``[T, 3, H, W]`` in [0, 1]; raises ValueError saying what is wrong.
+
+    Decoded bytes never exceed what the item declares (``frames × height × width × 3``): rgb24 data must be exactly
+    that long, and an mp4 is checked against its header first and cut off at the first frame beyond it."""
+    from astrolabe_rl.video import read_mp4_bounded
+
+    t, h, w = item_shape(item)
+    data = item.get("data")
+    if not isinstance(data, (bytes, bytearray)):
+        raise ValueError(f"'data' must be bytes; got {type(data).__name__}")
     if item.get("encoding", "rgb24") == "rgb24":
         if len(data) != t * h * w * 3:
             raise ValueError(f"rgb24 data has {len(data)} bytes; {t}×{h}×{w}×3 = {t * h * w * 3} expected")
         pixels = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(t, h, w, 3)
         return pixels.permute(0, 3, 1, 2).float() / 255
     if item["encoding"] == "mp4":
-        frames = _read_mp4_bytes(data)
-        if frames.shape[0] != t or tuple(frames.shape[2:]) != (h, w):
-            raise ValueError(f"mp4 decodes to {tuple(frames.shape)}; the item says {t} frames of {h}×{w}")
-        return frames
+        return read_mp4_bounded(bytes(data), t, h, w)
     raise ValueError(f"unknown encoding {item['encoding']!r}; use 'rgb24' or 'mp4'")
 
 
@@ -100,18 +121,6 @@ def _mp4_bytes(frames: Tensor, fps: float) -> bytes:
     with tempfile.TemporaryDirectory() as d:
         path = write_mp4(Path(d) / "v.mp4", frames.cpu(), fps=max(1, round(fps)))
         return path.read_bytes()
-
-
-def _read_mp4_bytes(data: bytes) -> Tensor:
-    import tempfile
-    from pathlib import Path
-
-    from astrolabe_rl.video import read_mp4
-
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "v.mp4"
-        path.write_bytes(data)
-        return read_mp4(path)[0]
 
 
 def pack(obj: dict[str, Any], content_type: str) -> bytes:
@@ -170,16 +179,26 @@ class RewardServer:
         host: bind address; 127.0.0.1 keeps the server private to this machine.
         port: 0 picks a free port (read it back from ``url``).
         max_request_bytes: larger requests are refused with 413 before being read.
-        request_timeout: seconds a client may take to send its request (bounds stuck connections).
+        request_timeout: the read deadline, in seconds: from the start of a request (or of the wait for one on an
+            open connection) until its last byte arrives. A slower client gets 408 and the connection is closed,
+            however steadily it trickles bytes. Scoring time does not count.
+        max_decoded_bytes: decoded frames (``frames × height × width × 3`` uint8 bytes, as the items declare them)
+            one request may cost; the items past it fail alone, before decoding. Float frames take 4× this.
     """
 
     def __init__(self, rewards: dict[str, Reward], host: str = "127.0.0.1", port: int = 0,
-                 max_request_bytes: int = 256 << 20, request_timeout: float = 60.0) -> None:
+                 max_request_bytes: int = 256 << 20, request_timeout: float = 60.0,
+                 max_decoded_bytes: int = 1 << 30) -> None:
         if not rewards:
             raise ValueError("give the server at least one reward")
+        if request_timeout <= 0 or max_request_bytes <= 0 or max_decoded_bytes <= 0:
+            raise ValueError("request_timeout, max_request_bytes and max_decoded_bytes must be > 0")
         self.rewards = rewards
         self.max_request_bytes = max_request_bytes
+        self.max_decoded_bytes = max_decoded_bytes
+        self.request_timeout = request_timeout
         self._locks = {name: threading.Lock() for name in rewards}
+        # ``timeout`` bounds each socket operation (writes included); the read deadline bounds a whole request
         handler = type("Handler", (_Handler,), {"app": self, "timeout": request_timeout})
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
@@ -215,6 +234,7 @@ class RewardServer:
         import platform
 
         return {"protocol": PROTOCOL, "rewards": sorted(self.rewards), "max_request_bytes": self.max_request_bytes,
+                "max_decoded_bytes": self.max_decoded_bytes, "request_timeout": self.request_timeout,
                 "versions": {"torch": torch.__version__, "python": platform.python_version()}}
 
     def score(self, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -229,18 +249,28 @@ class RewardServer:
             return 400, {"error": "'items' must be a list"}
         start = time.perf_counter()
         with self._locks[name]:
-            results = _score_items(self.rewards[name], items)
+            results = _score_items(self.rewards[name], items, self.max_decoded_bytes)
         return 200, {"protocol": PROTOCOL, "reward": name, "items": results,
                      "elapsed_s": time.perf_counter() - start}
 
 
-def _score_items(reward: Reward, items: list[Any]) -> list[dict[str, Any]]:
-    """Decode every item, score same-shaped ones together, and report each item's own status."""
+def _score_items(reward: Reward, items: list[Any], max_decoded_bytes: int) -> list[dict[str, Any]]:
+    """Decode every item within the request's decoded-bytes budget, score same-shaped ones together, and report
+    each item's own status."""
     results: list[dict[str, Any]] = [{} for _ in items]
     groups: dict[tuple, list[tuple[int, Tensor, str]]] = {}
+    budget = max_decoded_bytes
     for i, item in enumerate(items):
         ident = str(item.get("id", i)) if isinstance(item, dict) else str(i)
         try:
+            if not isinstance(item, dict):
+                raise ValueError(f"an item must be a map; got {type(item).__name__}")
+            t, h, w = item_shape(item)
+            if t * h * w * 3 > budget:
+                raise ValueError(f"{t} frames of {h}×{w} decode to {t * h * w * 3} bytes, over what is left of this "
+                                 f"server's max_decoded_bytes={max_decoded_bytes} for the request (send fewer or "
+                                 "smaller videos per request)")
+            budget -= t * h * w * 3
             frames = decode_video(item)
             prompt = str(item.get("prompt", ""))
         except Exception as e:  # noqa: BLE001 - a bad item fails alone
@@ -275,12 +305,65 @@ def _score_group(reward: Reward, group: list[tuple[int, Tensor, str]]) -> list[t
     return out
 
 
+class _ReadDeadline(Exception):
+    """A request was not read before its deadline. Not a TimeoutError: the stdlib handler would swallow that one
+    and drop the connection without an answer."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's bytes where every read waits at most until one shared deadline (``time.monotonic()`` seconds).
+
+    A per-read socket timeout alone lets a client that sends one byte per timeout hold a connection forever; this
+    one bounds the whole request."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.deadline = math.inf
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _ReadDeadline
+        self.sock.settimeout(left)
+        try:
+            return self.sock.recv_into(buffer)
+        except TimeoutError:
+            raise _ReadDeadline from None
+
+
 class _Handler(BaseHTTPRequestHandler):
     app: RewardServer
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
         pass  # the trainer's logs stay readable; errors travel back in the answers
+
+    def setup(self) -> None:
+        super().setup()
+        self._reader = _DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        """One request under one read deadline; past it, answer 408 and close the connection."""
+        # what a reply needs, set before the request line is parsed (it may never be)
+        self.requestline, self.request_version, self.command, self.headers = "", self.protocol_version, None, None
+        self._reader.deadline = time.monotonic() + self.app.request_timeout
+        try:
+            super().handle_one_request()
+        except _ReadDeadline:
+            self.close_connection = True
+            try:
+                self._reply(408, {"error": f"the request was not received within {self.app.request_timeout:g} s "
+                                           "(this server's request_timeout)"}, self._content_type())
+            except OSError:
+                pass  # the client is gone; nothing to tell it
+
+    def _content_type(self) -> str:
+        ctype = self.headers.get("Content-Type", JSON) if self.headers is not None else JSON
+        return MSGPACK if ctype.startswith(MSGPACK) else JSON
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
         if self.path == "/health":
@@ -291,21 +374,33 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(404, {"error": f"unknown path {self.path}; use POST /score, GET /health, GET /info"}, JSON)
 
     def do_POST(self) -> None:  # noqa: N802
-        ctype = MSGPACK if self.headers.get("Content-Type", JSON).startswith(MSGPACK) else JSON
+        ctype = self._content_type()
         if self.path != "/score":
+            self.close_connection = True  # the unread body must not be parsed as the next request
             self._reply(404, {"error": f"unknown path {self.path}; POST to /score"}, ctype)
             return
-        length = int(self.headers.get("Content-Length") or -1)
-        if length < 0:
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            self.close_connection = True
             self._reply(411, {"error": "Content-Length is required"}, ctype)
             return
+        length = int(raw) if raw.strip().isascii() and raw.strip().isdigit() else -1
+        if length < 0:
+            self.close_connection = True
+            self._reply(400, {"error": f"Content-Length must be a non-negative integer; got {raw[:40]!r}"}, ctype)
+            return
         if length > self.app.max_request_bytes:
-            self.close_connection = True  # the unread body must not be parsed as the next request
+            self.close_connection = True
             self._reply(413, {"error": f"request is {length} bytes; this server takes at most "
                                        f"{self.app.max_request_bytes} (send fewer videos per request)"}, ctype)
             return
+        body = self.rfile.read(length)  # past the read deadline: _ReadDeadline, answered with 408
+        if len(body) != length:
+            self.close_connection = True
+            self._reply(400, {"error": f"the body ended after {len(body)} of {length} bytes"}, ctype)
+            return
         try:
-            status, answer = self.app.score(unpack(self.rfile.read(length), ctype))
+            status, answer = self.app.score(unpack(body, ctype))
         except ValueError as e:
             status, answer = 400, {"error": str(e)}
         except Exception as e:  # noqa: BLE001 - report, keep serving
@@ -313,6 +408,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(status, answer, ctype)
 
     def _reply(self, status: int, obj: dict[str, Any], ctype: str) -> None:
+        self.connection.settimeout(self.timeout)  # the reader left the remaining read time on the socket
         body = pack(obj, ctype)
         self.send_response(status, HTTPStatus(status).phrase)
         self.send_header("Content-Type", ctype)
@@ -340,6 +436,8 @@ class RemoteReward:
         encoding: "rgb24" (lossless, large) or "mp4" (H.264 crf 18, ~50× smaller).
         fps: frame rate sent with each video.
         max_request_bytes: batches are split into requests below this size.
+        max_decoded_bytes: ... and below this many decoded frame bytes (``frames × height × width × 3``), at most
+            the server's own ``max_decoded_bytes`` (default 1 GiB for both).
     ``extras["errors"]`` maps the batch index of each failed item to its message after every call.
     """
 
@@ -353,6 +451,7 @@ class RemoteReward:
     encoding: str = "rgb24"
     fps: float = 16.0
     max_request_bytes: int = 64 << 20
+    max_decoded_bytes: int = 1 << 30
     content_type: str = MSGPACK
     needs: frozenset[str] = frozenset({"video", "prompts"})
     scale: tuple[float, float] | None = None
@@ -388,18 +487,24 @@ class RemoteReward:
                 "encoding": self.encoding, "data": encode_video(video, self.encoding, self.fps)}
 
     def _requests(self, items: list[dict[str, Any]], errors: dict[int, str]) -> list[list[dict[str, Any]]]:
-        """Greedy split into requests under ``max_request_bytes``; an item alone over it is an item error."""
-        batches, current, size = [], [], 0
+        """Greedy split into requests under ``max_request_bytes`` and ``max_decoded_bytes``; an item alone over
+        either is an item error."""
+        batches, current, size, decoded = [], [], 0, 0
         for it in items:
             n = len(it["data"]) + len(it["prompt"].encode()) + 256
+            d = it["frames"] * it["height"] * it["width"] * 3
             if n > self.max_request_bytes:
                 errors[int(it["id"])] = f"video is {n} bytes encoded, over max_request_bytes={self.max_request_bytes}"
                 continue
-            if current and size + n > self.max_request_bytes:
+            if d > self.max_decoded_bytes:
+                errors[int(it["id"])] = f"video is {d} bytes decoded, over max_decoded_bytes={self.max_decoded_bytes}"
+                continue
+            if current and (size + n > self.max_request_bytes or decoded + d > self.max_decoded_bytes):
                 batches.append(current)
-                current, size = [], 0
+                current, size, decoded = [], 0, 0
             current.append(it)
             size += n
+            decoded += d
         return batches + ([current] if current else [])
 
     def _post(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -470,6 +575,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0 = any free port)")
     p.add_argument("--max-request-mb", type=float, default=256.0, help="refuse larger requests (default 256)")
+    p.add_argument("--max-decoded-mb", type=float, default=1024.0,
+                   help="decoded frames (uint8) one request may cost; items past it fail alone (default 1024)")
+    p.add_argument("--request-timeout", type=float, default=60.0,
+                   help="seconds a client has to send a whole request; slower ones get 408 (default 60)")
     p.add_argument("--device", default=None, help="device for every reward (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on GPU)")
     p.set_defaults(func=serve_reward_command)
@@ -483,7 +592,8 @@ def serve_reward_command(args: argparse.Namespace) -> int:
     rewards = build_rewards(names, parse_reward_kwargs(args.reward_kwargs), args.device, args.dtype)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         warnings.warn(f"serving on {args.host}: anyone who can reach this port can use the rewards (no auth)")
-    server = RewardServer(rewards, args.host, args.port, int(args.max_request_mb * (1 << 20)))
+    server = RewardServer(rewards, args.host, args.port, int(args.max_request_mb * (1 << 20)),
+                          request_timeout=args.request_timeout, max_decoded_bytes=int(args.max_decoded_mb * (1 << 20)))
     print(json.dumps({"serving": sorted(rewards), "url": server.url}), flush=True)
     try:
         server.serve_forever()
