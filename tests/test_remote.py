@@ -1,9 +1,14 @@
 """The reward server and client on 127.0.0.1: round trips (msgpack, JSON, mp4), per-item failures, timeouts,
-size limits, and the ``serve-reward`` command's parser. Every server stops at the end of its test."""
+size limits, and the ``serve-reward`` command's parser; and the hardening against hostile clients (malformed
+Content-Length, slow clients, mp4s that decode to more than they claim). Every server stops at the end of its
+test; every raw socket has a timeout."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import socket
+import threading
 import time
 
 import pytest
@@ -138,14 +143,11 @@ def test_serve_reward_parser_defaults_to_loopback():
     add_parser(p.add_subparsers(dest="command", required=True))
     args = p.parse_args(["serve-reward", "--reward", "hpsv3,videoalign_mq"])
     assert args.host == "127.0.0.1" and args.port == 8765 and args.max_request_mb == 256.0
+    assert args.request_timeout == 60.0 and args.max_decoded_mb == 1024.0
     assert callable(args.func)
 
 
 # ------------------------------------------------------------------------------------- a hardened server (issue 15)
-
-import json  # noqa: E402
-import socket  # noqa: E402
-import threading  # noqa: E402
 
 
 def raw_exchange(url: str, send: bytes, read_timeout: float = 5.0) -> tuple[int, dict]:
@@ -268,7 +270,8 @@ def test_decoded_bytes_per_request_are_bounded_and_the_client_splits_on_them():
         split = RemoteReward(srv.url, "mean", max_decoded_bytes=3072)
         torch.testing.assert_close(split(v, ["a", "b", "c"]), quantised_mean(v))
         alone = RemoteReward(srv.url, "mean", max_decoded_bytes=1000)
-        assert torch.isnan(alone(v, ["a", "b", "c"])).all() and "over max_decoded_bytes=1000" in alone.extras["errors"][0]
+        assert torch.isnan(alone(v, ["a", "b", "c"])).all()
+        assert "over max_decoded_bytes=1000" in alone.extras["errors"][0]
 
 
 @pytest.mark.parametrize("claims", [{"frames": 0}, {"height": -4}, {"width": "16"}, {"frames": True}])

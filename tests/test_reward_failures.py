@@ -109,7 +109,8 @@ def test_the_scorer_accumulates_failures_until_drained(enabled):
         return out
 
     seen: list[tuple[str, str]] = []
-    rewards = {"flaky": FunctionReward("flaky", flaky), "fine": FunctionReward("fine", lambda v, p: torch.ones(v.shape[0]))}
+    fine = FunctionReward("fine", lambda v, p: torch.ones(v.shape[0]))
+    rewards = {"flaky": FunctionReward("flaky", flaky), "fine": fine}
     with AsyncScorer(rewards, enabled=enabled, on_error=lambda n, m: seen.append((n, m))) as scorer:
         results = [scorer.submit(videos(4, s), list("abcd")).result(timeout=30) for s in range(3)]
         report = scorer.drain_failures()

@@ -156,8 +156,8 @@ def read_mp4_bounded(source: str | Path | bytes, frames: int, height: int, width
 
     Untrusted input costs at most what it claims: the container header is checked first (`probe_mp4`), and
     decoding stops at the first frame past the count or of another size (a header can lie about its stream), so
-    at most ``frames × height × width × 3`` decoded bytes are held (plus the few frames in flight in the decoder), whatever the
-    file decodes to. Raises ValueError saying which expectation failed.
+    at most ``frames × height × width × 3`` decoded bytes are held (plus the few frames in flight in the decoder),
+    whatever the file decodes to. Raises ValueError saying which expectation failed.
     """
     if min(frames, height, width) < 1:
         raise ValueError(f"expected a positive frame count and size; got {frames} frames of {height}×{width}")

@@ -3,10 +3,10 @@
     raw     (release):  R_i = Σ_k w_k · s_k,i
     group_z:            R_i = Σ_k w_k · (s_k,i − mean_{g(i)} s_k) / (std_{g(i)} s_k + eps)
 
-where g(i) is sample i's prompt group and the group statistics skip NaN. A non-finite score (NaN, ±inf) is a
-failed sample: it enters as NaN, so an inf can never become an infinite advantage. ``raw`` sums the scorers' native scales
+where g(i) is sample i's prompt group and the group statistics skip NaN. ``raw`` sums the scorers' native scales
 (HPSv3 is unnormalised, VideoAlign z-scored), so a wide-scaled reward can dominate; ``group_z`` puts every
-component on the same footing within each prompt first (reference/astrolabe.md §7.4).
+component on the same footing within each prompt first (reference/astrolabe.md §7.4). A non-finite score (NaN,
+±inf) is a failed sample: it enters as NaN, so an inf can never become an infinite advantage.
 """
 
 from __future__ import annotations

@@ -31,9 +31,9 @@ against the server's ``max_decoded_bytes`` per request before anything is decode
 are checked against its container header before decoding, and decoding stops at the first frame beyond them. An
 item over a limit fails alone, with a message.
 
-The client splits a batch into requests under its own size limits (encoded and decoded bytes), retries transport failures (connection
-refused, timeouts, 5xx) a bounded number of times with exponential backoff, never retries a 4xx, and returns NaN
-for every item that failed (NaN marks a failed sample everywhere in the trainer, so a lost reward never becomes a
+The client splits a batch into requests under its own size limits (encoded and decoded bytes), retries
+transport failures (connection refused, timeouts, 5xx) a bounded number of times with exponential backoff, never
+retries a 4xx, and returns NaN for every item that failed (NaN marks a failed sample everywhere in the trainer, so a lost reward never becomes a
 fake 0). After a transport failure it fails fast for ``cooldown_s`` so a dead server does not cost a timeout per
 sample. The server binds 127.0.0.1 unless told otherwise.
 """
