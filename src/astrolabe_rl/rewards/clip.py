@@ -3,19 +3,31 @@
 
 All four are a CLIP model (``transformers.CLIPModel``) scoring frames against the prompt:
 
-=========== =============================================== ============================ ======================
-reward      score per frame                                 weights                      default pooling
-=========== =============================================== ============================ ======================
-aesthetic   MLP(L2-normalised CLIP-L/14 image embedding)    CLIP-L/14 + MLP head         mean
-clipscore   cos(image, text)  (NFT / Flow-GRPO convention)  CLIP-L/14                    mean
-pickscore   exp(logit_scale) · cos / divisor                PickScore_v1 (CLIP-H/14)     mean
-hpsv2       cos(image, text)                                HPS_v2(.1) (open_clip H/14)  top 30 % (Astrolabe)
-=========== =============================================== ============================ ======================
+=========== ================================================= ============================ ====================
+reward      score per frame                                   weights                      default pooling
+=========== ================================================= ============================ ====================
+aesthetic   MLP(L2-normalised CLIP-L/14 image embedding)      CLIP-L/14 + MLP head         mean
+clipscore   2.5 · max(cos(image, "A photo depicts " + p), 0)  CLIP-L/14                    mean
+clip_cosine cos(image, text)  (NFT / Flow-GRPO convention)    CLIP-L/14                    mean
+pickscore   exp(logit_scale) · cos / divisor                  PickScore_v1 (CLIP-H/14)     mean
+hpsv2       cos(image, text)                                  HPS_v2(.1) (open_clip H/14)  top 30 % (Astrolabe)
+=========== ================================================= ============================ ====================
 
-Preprocessing is torch-only on the reward's device: 8-bit quantise, then either the CLIP processor's resize of the
-short side + centre crop (aesthetic, clipscore, pickscore) or open_clip's "resize the long side and pad to a
-square" (hpsv2), then OpenAI CLIP normalisation. Models with the same weights, device and dtype are one instance
-(aesthetic and clipscore share CLIP-L/14).
+``clipscore`` is CLIPScore as published (Hessel et al. 2021, `reference/rewards.md` §2.7): weight w = 2.5, clamped
+at 0, the caption prefixed with "A photo depicts " (their ViT-B/32 is one ``clip=`` folder away; we default to
+CLIP-L/14 like torchmetrics, whose ``max(100·cos, 0)`` is ours × 40 without the prefix). The plain cosine that
+Flow-GRPO / DiffusionNFT call "CLIP score" is ``clip_cosine``.
+
+Preprocessing is torch-only on the reward's device, as each model was trained and released:
+
+* CLIP processor (aesthetic, clipscore, clip_cosine, pickscore): 8-bit quantise, resize the short side + centre crop
+  emulating PIL's two 8-bit passes, OpenAI CLIP normalisation; the Hugging Face tokenizer padded to 77.
+* open_clip (hpsv2): one bicubic antialiased resize of the float frames (long side to 224, no 8-bit rounding), zero
+  padding to a centred square, normalisation, as the official tensor transform does; open_clip's tokenisation:
+  ``ftfy.fix_text`` + HTML unescape + whitespace cleaning, ``<|endoftext|>`` ends the text and zeros follow it, and
+  ``!`` is an ordinary token (the laion tokenizer folder's ``"!"`` pad token is dropped; see `open_clip_tokenizer`).
+
+Models with the same weights, device and dtype are one instance (aesthetic and clipscore share CLIP-L/14).
 
 Files (nothing is downloaded; defaults under ``$ASTROLABE_REWARD_ROOT``):
     clip-vit-large-patch14/                 HF ``openai/clip-vit-large-patch14`` (aesthetic, clipscore)
@@ -40,6 +52,7 @@ from torch import Tensor, nn
 from astrolabe_rl.rewards._common import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    bicubic,
     find_path,
     normalize,
     quantize,
@@ -74,15 +87,20 @@ def resize_crop(frames: Tensor, size: int) -> Tensor:
 
 
 def resize_pad(frames: Tensor, size: int) -> Tensor:
-    """open_clip's ``ResizeMaxSize`` (HPSv2) in torch: long side -> ``size`` (short side ``round(dim · scale)``),
-    bicubic antialiased, then zero-pad (black, before normalisation) to a centred square; normalise."""
+    """open_clip's ``ResizeMaxSize`` on a float tensor, as HPSv2's official tensor transform runs it: frames
+    ``[N, 3, H, W]`` in [0, 1] -> normalised ``[N, 3, size, size]``.
+
+    Long side -> ``size`` (short side ``round(dim · scale)``) in one bicubic antialiased pass on the float values
+    (no 8-bit quantisation or rounding, no clamping of the bicubic overshoot), zero-pad (black, before
+    normalisation) to a centred square, normalise.
+    """
     h, w = frames.shape[-2:]
     scale = size / max(h, w)
     nh, nw = round(h * scale), round(w * scale)
-    levels = resize_levels(quantize(frames), (nh, nw))
+    x = bicubic(frames.float(), (nh, nw))
     ph, pw = size - nh, size - nw
-    levels = nn.functional.pad(levels, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=0.0)
-    return normalize(levels, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    x = nn.functional.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=0.0)
+    return normalize(x, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, full=1.0)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -126,12 +144,14 @@ class ClipScorer:
     """A CLIP model with torch preprocessing; embeddings come back L2-normalised in float32.
 
     Args:
-        fit: "crop" (CLIP processor) or "pad" (open_clip ResizeMaxSize, HPSv2).
+        fit: "crop" (CLIP processor, `resize_crop`) or "pad" (open_clip ResizeMaxSize on floats, `resize_pad`).
+        text: "hf" (the Hugging Face tokenizer, padded with its pad token) or "open_clip" (`open_clip_ids`).
     """
 
     model: "CLIPModel"
     tokenizer: Any
     fit: str = "crop"
+    text: str = "hf"
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -155,15 +175,65 @@ class ClipScorer:
             out = self.model.get_image_features(pixel_values=pixels)
         return nn.functional.normalize(_features(out).float(), dim=-1)
 
+    def tokens(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """``input_ids`` and ``attention_mask`` ``[P, 77]`` (the model's length; truncated, padded) as the model's
+        own pipeline makes them (``text``)."""
+        length = self.model.config.text_config.max_position_embeddings
+        if self.text == "open_clip":
+            return open_clip_ids(self.tokenizer, prompts, length)
+        enc = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
     @torch.no_grad()
     def text_embeds(self, prompts: list[str]) -> Tensor:
-        """``P`` prompts -> ``[P, E]`` unit vectors (77 tokens, truncated, padded to the model's length)."""
-        length = self.model.config.text_config.max_position_embeddings
-        enc = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        """``P`` prompts -> ``[P, E]`` unit vectors."""
+        ids, mask = self.tokens(prompts)
         with self._lock:
-            out = self.model.get_text_features(input_ids=enc["input_ids"].to(self.device),
-                                               attention_mask=enc["attention_mask"].to(self.device))
+            out = self.model.get_text_features(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
         return nn.functional.normalize(_features(out).float(), dim=-1)
+
+
+def open_clip_ids(tokenizer: "PreTrainedTokenizerBase", prompts: list[str], length: int) -> tuple[Tensor, Tensor]:
+    """open_clip's tokenisation (HPSv2 was trained and released with it) through a CLIP BPE tokenizer: ``[P, length]``
+    ids and attention mask.
+
+    The text is cleaned as open_clip cleans it (``ftfy.fix_text``, HTML unescaped twice, whitespace collapsed; the
+    tokenizer lower-cases), wrapped in ``<|startoftext|> … <|endoftext|>``, truncated to ``length`` (the end token
+    kept), and zero-filled after the end token. ``tokenizer`` must not treat ``!`` (id 0) as a special token: use
+    `open_clip_tokenizer` for a Hugging Face CLIP tokenizer folder.
+    """
+    from astrolabe_rl.models.text import clean_prompt
+
+    enc = tokenizer([clean_prompt(p) for p in prompts], padding="max_length", max_length=length, truncation=True,
+                    return_tensors="pt")
+    mask = enc["attention_mask"]
+    return enc["input_ids"].masked_fill(mask == 0, 0), mask
+
+
+def open_clip_tokenizer(folder: Path) -> "PreTrainedTokenizerBase":
+    """A Hugging Face CLIP tokenizer folder made to tokenise as open_clip does.
+
+    The laion ViT-H-14 folder declares ``"!"`` (id 0) its pad token, so the Hugging Face tokenizer splits every
+    ``!`` of a prompt off as that special token (one id 0 per character, no end-of-word BPE). open_clip has no pad
+    token: ``!`` is ordinary text (``"!</w>"`` = 256, ``"!!</w>"`` = 748) and zeros merely fill the row after
+    ``<|endoftext|>``. So the BPE pipeline is rebuilt with only the start and end tokens special, padding with
+    ``<|endoftext|>`` (`open_clip_ids` then writes the zeros).
+    """
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    base = _clip_tokenizer(folder)
+    if not base.is_fast:
+        raise ValueError(f"{folder}: need a fast (tokenizer.json-backed) CLIP tokenizer to rebuild open_clip's")
+    spec = json.loads(base.backend_tokenizer.to_str())
+    ends = ("<|startoftext|>", "<|endoftext|>")
+    spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if t["content"] in ends]
+    if len(spec["added_tokens"]) != 2:
+        raise ValueError(f"{folder} is not a CLIP BPE tokenizer: it lacks {ends[0]} / {ends[1]}")
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token=ends[0],
+                                   eos_token=ends[1], pad_token=ends[1], unk_token=ends[1])
 
 
 def _features(out: Any) -> Tensor:
@@ -275,7 +345,8 @@ def load_open_clip_checkpoint(path: Path, config: "CLIPConfig", tokenizer_dir: P
     if missing or unexpected:
         raise ValueError(f"{path} does not fit a ViT-H-14 CLIP: missing {missing[:3]}, unexpected {unexpected[:3]}")
     _rebuild_position_ids(model)
-    return ClipScorer(model.to(device, dtype).eval().requires_grad_(False), _clip_tokenizer(tokenizer_dir), "pad")
+    return ClipScorer(model.to(device, dtype).eval().requires_grad_(False), open_clip_tokenizer(tokenizer_dir), "pad",
+                      "open_clip")
 
 
 def _rebuild_position_ids(model: nn.Module) -> None:
@@ -290,13 +361,19 @@ def _rebuild_position_ids(model: nn.Module) -> None:
 
 
 def tiny_clip_tokenizer(words: list[str] = ()) -> "PreTrainedTokenizerBase":
-    """A word-level stand-in for the CLIP BPE tokenizer (BOS ... EOS, padded), built in memory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    """A word-level stand-in for the CLIP BPE tokenizer (BOS ... EOS, padded), built in memory.
+
+    As in the real vocabulary, ``<|startoftext|>`` and ``<|endoftext|>`` are the two highest ids, so the text tower
+    pools at the end token whichever rule it uses (the first ``eos_token_id``, or the largest id when the config's
+    end id is the legacy 2).
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "[UNK]"]
-    vocab = {w: i for i, w in enumerate(dict.fromkeys([*specials, *words]))}
+    ordered = ["<|pad|>", "[UNK]", *words, "<|startoftext|>", "<|endoftext|>"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(ordered))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()  # CLIP lower-cases its text
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
         single="<|startoftext|> $A <|endoftext|>",
@@ -320,16 +397,33 @@ def tiny_clip_config(tokenizer: "PreTrainedTokenizerBase", image_size: int = 32)
     )
 
 
-def tiny_scorer(seed: int, device: torch.device, fit: str = "crop") -> ClipScorer:
+def tiny_scorer(seed: int, device: torch.device, fit: str = "crop", text: str = "hf") -> ClipScorer:
     """A seeded random tiny CLIP (built without moving the caller's random stream)."""
     from transformers import CLIPModel
 
-    tok = tiny_clip_tokenizer("a red ball cat dog rolling to the right left blue square".split())
+    words = "a red ball cat dog rolling to the right left blue square photo depicts".split()
+    tok = tiny_clip_tokenizer(words)
     model = seeded(seed, lambda: CLIPModel(tiny_clip_config(tok)))
-    return ClipScorer(model.to(device).eval().requires_grad_(False), tok, fit)
+    return ClipScorer(model.to(device).eval().requires_grad_(False), tok, fit, text)
 
 
 # ------------------------------------------------------------------------------------------------- rewards
+
+CLIPSCORE_PREFIX = "A photo depicts "  # Hessel et al. prepend it to every caption
+CLIPSCORE_W = 2.5  # Hessel et al.'s rescaling weight
+
+
+def clipscore(image_embeds: Tensor, text_embeds: Tensor, w: float = CLIPSCORE_W) -> Tensor:
+    """CLIPScore (Hessel et al. 2021, eq. 1): ``w · max(cos(image, text), 0)`` with ``w = 2.5``.
+
+    Args:
+        image_embeds: ``[..., E]``; text_embeds: ``[..., E]`` (broadcast against each other); need not be unit
+            vectors. The captions behind ``text_embeds`` should carry `CLIPSCORE_PREFIX`, as published.
+    Returns:
+        ``[...]`` scores in ``[0, w]``.
+    """
+    cos = nn.functional.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
+    return w * cos.clamp(min=0.0)
 
 
 @dataclass
@@ -337,7 +431,8 @@ class ClipFrameReward:
     """A per-frame CLIP score pooled over frames.
 
     Args:
-        kind: "aesthetic", "clipscore", "pickscore" or "hpsv2" (the score rule, see the module table).
+        kind: "aesthetic", "clipscore", "clip_cosine", "pickscore" or "hpsv2" (the score rule, see the module
+            table).
         head: the aesthetic MLP (aesthetic only).
         frames: frames scored per video, spread uniformly (None = all).
         top_frac: pool the best fraction of frames (None = mean).
@@ -373,6 +468,8 @@ class ClipFrameReward:
         """Unit image embeddings ``[B, T, E]`` -> per-frame scores ``[B, T]``."""
         if self.kind == "aesthetic":
             return self.head(images.flatten(0, 1)).view(images.shape[:2])
+        if self.kind == "clipscore":
+            return clipscore(images, self.scorer.text_embeds([CLIPSCORE_PREFIX + p for p in prompts])[:, None])
         cos = (images * self.scorer.text_embeds(prompts)[:, None]).sum(-1)
         if self.kind == "pickscore":
             return self.scorer.model.logit_scale.float().exp() * cos / self.divisor
@@ -415,9 +512,21 @@ def aesthetic_reward(clip: str | None = None, head: str | None = None, *, device
 def clipscore_reward(clip: str | None = None, *, device: str | None = None, dtype: str | None = None,
                      frames: int | None = None, top_frac: float | None = None, frame_batch: int = 64,
                      tiny: bool = False, seed: int = 0) -> ClipFrameReward:
-    """Cosine similarity of CLIP-L/14 image and text embeddings (torchmetrics reports ``max(100·cos, 0)``)."""
+    """CLIPScore as published: ``2.5 · max(cos, 0)`` of the frame and "A photo depicts <prompt>" (`clipscore`),
+    on CLIP-L/14 by default (Hessel et al. used ViT-B/32: pass its folder as ``clip``). About 0.4-0.9."""
     dev, dt = _placement(device, dtype)
     return ClipFrameReward("clipscore", _clip_l(clip, dev, dt, tiny, seed), "clipscore", None, frames, top_frac,
+                           frame_batch, scale=(0.4, 1.0))
+
+
+@register_reward("clip_cosine")
+def clip_cosine_reward(clip: str | None = None, *, device: str | None = None, dtype: str | None = None,
+                       frames: int | None = None, top_frac: float | None = None, frame_batch: int = 64,
+                       tiny: bool = False, seed: int = 0) -> ClipFrameReward:
+    """Plain cosine of CLIP-L/14 image and prompt embeddings, what Flow-GRPO / DiffusionNFT call "CLIP score"
+    (``logits_per_image / 100``; no prefix, no clamp). About 0.15-0.4."""
+    dev, dt = _placement(device, dtype)
+    return ClipFrameReward("clip_cosine", _clip_l(clip, dev, dt, tiny, seed), "clip_cosine", None, frames, top_frac,
                            frame_batch, scale=(0.15, 0.4))
 
 
@@ -446,7 +555,8 @@ def hpsv2_reward(checkpoint: str | None = None, tokenizer: str | None = None, *,
     """HPSv2 / HPSv2.1: cosine of the fine-tuned ViT-H-14 embeddings (about 0.2-0.35), top-30 % frames."""
     dev, dt = _placement(device, dtype)
     if tiny:
-        scorer = shared(("clip-tiny-pad", seed, str(dev)), lambda: tiny_scorer(seed, dev, fit="pad"))
+        scorer = shared(("clip-tiny-open-clip", seed, str(dev)),
+                        lambda: tiny_scorer(seed, dev, fit="pad", text="open_clip"))
     else:
         file = {"v2.1": "HPS_v2.1_compressed.pt", "v2.0": "HPS_v2_compressed.pt"}.get(version)
         if file is None:
