@@ -283,13 +283,72 @@ def _check_ddp(ctx: DistContext) -> dict:
 def _check_fsdp2(ctx: DistContext) -> None:
     torch.manual_seed(1)
     model, x, y = Blocks(), torch.randn(8, 4), torch.randn(8, 3)
-    expected = _full_batch_grads(model, x, y)
+    with pytest.raises(ValueError, match="head.weight"):  # the unsharded root may not train: no gradient sync
+        D.wrap_model(model, ctx, "fsdp2")
+    expected = _full_batch_grads(model, x, y)[:4]  # the blocks' weights and biases
+    model.head.requires_grad_(False)
     sharded = D.wrap_model(model, ctx, "fsdp2")
     lo = 4 * ctx.rank
     nn.functional.mse_loss(sharded(x[lo:lo + 4]), y[lo:lo + 4]).backward()
-    for p, e in zip(sharded.parameters(), expected):
-        assert p.grad.to_local().shape[0] < e.shape[0] or e.shape[0] == 1  # really sharded
+    for p, e in zip(sharded.blocks.parameters(), expected, strict=True):
+        assert p.grad.to_local().shape[0] < e.shape[0]  # really sharded
         assert torch.allclose(p.grad.full_tensor(), e, atol=1e-6), "FSDP2 gradient != full-batch gradient"
+
+    # Gradient accumulation: two micro-batches per rank, the first inside no_sync.
+    model.zero_grad(set_to_none=True)
+    with D.no_sync(sharded, enabled=True):
+        nn.functional.mse_loss(sharded(x[lo:lo + 2]), y[lo:lo + 2]).div(2).backward()
+    # FSDP2 keeps an unsynced gradient unsharded inside and only sets .grad when it reduce-scatters
+    assert all(p.grad is None for p in model.blocks.parameters()), "no_sync still reduced the FSDP2 gradient"
+    nn.functional.mse_loss(sharded(x[lo + 2:lo + 4]), y[lo + 2:lo + 4]).div(2).backward()
+    for p, e in zip(sharded.blocks.parameters(), expected, strict=True):
+        assert torch.allclose(p.grad.full_tensor(), e, atol=1e-6), "accumulated FSDP2 gradient != full-batch"
+
+
+def _check_fsdp2_causal_wan(ctx: DistContext) -> dict:
+    """The tiny CausalWan with LoRA, sharded per block: rollouts (``encode_text`` / ``denoise`` / ``commit``, which
+    enter the blocks outside their forward) and a gradient-checkpointed θ pass agree with the unsharded model."""
+    from astrolabe_rl.models import CausalWan, WanConfig, get_family
+    from astrolabe_rl.policy import Policy
+    from astrolabe_rl.rollout import rollout
+
+    torch.manual_seed(2)  # same weights, LoRA and data on both ranks
+    model = CausalWan(WanConfig.tiny()).eval()
+    policy = Policy(model, rank=4, alpha=4.0, seed=0)
+    with torch.no_grad():  # non-zero B so that both adapters change the output
+        for p in policy.trainable_parameters():
+            p.normal_(std=0.05)
+    policy.copy_("old", "default")
+    sampler, text = get_family("tiny").sampler, torch.randn(2, 8, 16)
+    x, t = torch.randn(2, 3, 16, 4, 4), torch.tensor([700.0, 300.0])
+
+    def sample(m: nn.Module, prompts: slice, seeds: list[int]) -> torch.Tensor:
+        with policy.use("old"):
+            return rollout(m, text[prompts], num_frames=6, latent_hw=(4, 4), sampler=sampler, seeds=seeds).latents
+
+    def loss(m: nn.Module, rows: slice) -> torch.Tensor:
+        v = m(x[rows], t[rows], text[rows], frames_per_block=3)
+        return v.square().mean()
+
+    ref_video = sample(model, slice(0, 2), [10, 11])
+    loss(model, slice(0, 2)).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+
+    sharded = D.wrap_model(model, ctx, "fsdp2")
+    model.gradient_checkpointing = True
+    r = ctx.rank
+    video = sample(sharded, slice(r, r + 1), [10 + r])  # this rank's prompt and seed
+    torch.testing.assert_close(video, ref_video[r:r + 1], atol=1e-5, rtol=0)
+    loss(sharded, slice(r, r + 1)).backward()  # FSDP2 averages the two ranks' gradients: the full-batch mean
+    worst = 0.0
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad.to_local().numel() < p.numel(), f"{n} is not sharded"
+            full = p.grad.full_tensor()
+            torch.testing.assert_close(full, expected[n], atol=1e-5, rtol=1e-4)
+            worst = max(worst, (full - expected[n]).abs().max().item())
+    return {"fsdp2_video": video.flatten()[:8].tolist(), "fsdp2_grad_max_diff": worst}
 
 
 def _check_sampler(ctx: DistContext) -> None:
@@ -304,6 +363,7 @@ def _worker(out_dir: Path) -> None:
     assert (ctx.world_size, ctx.backend, ctx.rank == int(os.environ["RANK"])) == (WORLD, "gloo", True)
     result = {"rank": ctx.rank, **_check_collectives(ctx), **_check_ddp(ctx)}
     _check_fsdp2(ctx)
+    result.update(_check_fsdp2_causal_wan(ctx))
     _check_sampler(ctx)
     D.barrier(ctx)
     D.shutdown()

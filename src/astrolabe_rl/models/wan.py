@@ -282,6 +282,11 @@ class WanBlock(nn.Module):
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
+    def text_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """This block's cross-attention K/V ``[B, L, H, D]`` of the projected text ``[B, L, C]``. A block method, not
+        a reach into ``cross_attn``, so that FSDP2 can gather the block's sharded weights around it (`train.dist`)."""
+        return self.cross_attn.text_kv(context)
+
     def forward(
         self,
         x: Tensor,
@@ -413,7 +418,7 @@ class CausalWan(nn.Module):
             )
         context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
         ctx = self.text_embedding(context.to(self.dtype))
-        return [block.cross_attn.text_kv(ctx) for block in self.blocks]
+        return [block.text_kv(ctx) for block in self.blocks]
 
     def _patchify(self, x: Tensor) -> Tensor:
         """``[B, F, C, H, W] -> [B, F·h·w, dim]``: the patch conv as one matmul (frame-major, then h, then w)."""

@@ -255,6 +255,7 @@ def wrap_model(
     static_graph: bool = False,
     reshard_after_forward: bool = True,
     param_dtype: torch.dtype | None = None,
+    block_methods: tuple[str, ...] = ("text_kv",),
 ) -> nn.Module:
     """Wrap ``model`` for data-parallel training; returns it unchanged for ``"none"`` or a single process.
 
@@ -262,17 +263,21 @@ def wrap_model(
         model: already on ``ctx.device`` (``model.to(ctx.device)``).
         strategy: ``"none"``; ``"ddp"`` (replicated weights, gradients all-reduced in backward,
             ``find_unused_parameters=False``: every trainable parameter must receive a gradient each step);
-            ``"fsdp2"`` (``fully_shard`` on each transformer block, then on the root: parameters, gradients and
-            optimiser state sharded across ranks; modifies ``model`` in place).
+            ``"fsdp2"`` (``fully_shard`` on each transformer block: their parameters, gradients and optimiser state
+            sharded across ranks; modifies ``model`` in place). The rest (embeddings, head: ~2% of Wan) stays
+            replicated and must be frozen, see `_shard_fsdp2`.
         block_attr: dotted attribute path of the ``nn.ModuleList`` of transformer blocks (FSDP2 only), e.g.
             ``"base_model.model.blocks"`` for a peft-wrapped model.
         static_graph: DDP's ``static_graph`` (same used parameters every iteration; enables some optimisations).
         reshard_after_forward: FSDP2: free gathered parameters after forward (less memory, one more all-gather).
         param_dtype: FSDP2 mixed precision: compute dtype of the gathered parameters (gradients reduce in fp32).
+        block_methods: FSDP2: the block methods besides ``forward`` that the model calls from outside the blocks
+            (those a block has are registered, so its sharded weights are gathered around them too). Default:
+            `CausalWan`'s, whose ``encode_text`` calls every block's ``text_kv``.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
-    if isinstance(model, DistributedDataParallel) or _is_fsdp2(model):
+    if isinstance(model, DistributedDataParallel) or _fsdp2_modules(model):
         raise ValueError("model is already wrapped; call wrap_model once (use unwrap(model) for the plain module)")
     if strategy == "fsdp2":  # checked in a single process too, so a bad config fails before an 8-GPU launch
         _find_blocks(model, block_attr)
@@ -282,7 +287,7 @@ def wrap_model(
     _group_ready(ctx)
     if strategy == "ddp":
         return _wrap_ddp(model, ctx, static_graph)
-    return _shard_fsdp2(model, ctx, block_attr, reshard_after_forward, param_dtype)
+    return _shard_fsdp2(model, ctx, block_attr, reshard_after_forward, param_dtype, block_methods)
 
 
 def _wrap_ddp(model: nn.Module, ctx: DistContext, static_graph: bool) -> nn.Module:
@@ -296,17 +301,39 @@ def _wrap_ddp(model: nn.Module, ctx: DistContext, static_graph: bool) -> nn.Modu
 
 
 def _shard_fsdp2(model: nn.Module, ctx: DistContext, block_attr: str, reshard_after_forward: bool,
-                 param_dtype: torch.dtype | None) -> nn.Module:
+                 param_dtype: torch.dtype | None, block_methods: tuple[str, ...]) -> nn.Module:
+    """``fully_shard`` every block, with its ``block_methods`` registered as entry points; the root is left
+    unsharded, on purpose.
+
+    FSDP2 gathers a unit's parameters only around its ``forward`` and the methods registered with
+    ``register_fsdp_forward_method``. The streaming sampler enters the DiT through ``encode_text``, ``denoise`` and
+    ``commit``, which use the root's own parameters (text / time / patch embeddings, head) directly, so a sharded
+    root fails there ("mixed torch.Tensor and DTensor"), and registering those root methods would nest
+    (``forward`` calls ``encode_text``) and reshard in the middle of a call. Blocks are entered through ``forward``
+    and ``block_methods`` only. Left unsharded, the root parameters are replicated (about 2% of Wan) and get no
+    gradient reduction, so they must be frozen (LoRA trains inside the blocks only); each block is then its own
+    FSDP root.
+    """
+    from torch.distributed.fsdp import register_fsdp_forward_method
     from torch.distributed.device_mesh import init_device_mesh
 
+    blocks = _find_blocks(model, block_attr)
+    in_blocks = {id(p) for p in blocks.parameters()}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_blocks]
+    if trainable:
+        raise ValueError(f"strategy='fsdp2' shards {type(model).__name__}.{block_attr} only, and {trainable[:3]} "
+                         f"({len(trainable)} trainable parameters outside it) would not be synchronised across "
+                         "ranks; freeze them (train LoRA inside the blocks) or use strategy='ddp'")
     fully_shard, mixed_precision_policy = _import_fsdp2()
     kwargs: dict[str, Any] = {"mesh": init_device_mesh(ctx.device.type, (ctx.world_size,)),
                               "reshard_after_forward": reshard_after_forward}
     if param_dtype is not None:
         kwargs["mp_policy"] = mixed_precision_policy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in _find_blocks(model, block_attr):  # one all-gather per block: peak memory is one block, not all
+    for block in blocks:  # one all-gather per block: peak memory is one block, not all
         fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)  # the root holds what is left (embeddings, head)
+        for method in block_methods:
+            if hasattr(block, method):
+                register_fsdp_forward_method(block, method)
     return model
 
 
@@ -333,12 +360,13 @@ def _import_fsdp2() -> tuple[Callable[..., Any], Any]:
     return fully_shard, MixedPrecisionPolicy
 
 
-def _is_fsdp2(model: nn.Module) -> bool:
+def _fsdp2_modules(model: nn.Module) -> list[nn.Module]:
+    """The ``fully_shard``-ed modules inside ``model`` (its blocks after ``wrap_model(..., "fsdp2")``)."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
-        return False
-    return isinstance(model, FSDPModule)
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -356,18 +384,21 @@ def unwrap(model: nn.Module) -> nn.Module:
 def no_sync(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     """Skip the gradient all-reduce inside the block (gradient accumulation: all micro-batches but the last).
 
-    DDP: ``model.no_sync()``. FSDP2: ``set_requires_gradient_sync(False)`` for the block. Otherwise a no-op.
-    The first backward *outside* the block reduces everything accumulated so far.
+    DDP: ``model.no_sync()``. FSDP2: ``set_requires_gradient_sync(False)`` on every sharded block for the block.
+    Otherwise a no-op. The first backward *outside* the block reduces everything accumulated so far.
     """
+    sharded = _fsdp2_modules(model) if enabled else []
     if enabled and isinstance(model, DistributedDataParallel):
         with model.no_sync():
             yield
-    elif enabled and _is_fsdp2(model):
-        model.set_requires_gradient_sync(False)
+    elif sharded:
+        for m in sharded:
+            m.set_requires_gradient_sync(False, recurse=False)
         try:
             yield
         finally:
-            model.set_requires_gradient_sync(True)
+            for m in sharded:
+                m.set_requires_gradient_sync(True, recurse=False)
     else:
         yield
 
