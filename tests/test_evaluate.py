@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,16 +35,44 @@ def test_folder_names_parse_the_vbench_way(folder):
     found = {v.path.name: (v.prompt, v.index) for v in evaluate.find_videos(folder)}
     assert found["a red ball-1.mp4"] == ("a red ball", 1)
     assert found["a cat on a mat-0.mp4"] == ("a cat on a mat", 0)
-    assert found["free_name.mp4"] == ("free_name", None)
-    assert evaluate.vbench_name("a/b", 3) == "a_b-3.mp4"
-    with pytest.raises(FileNotFoundError, match="no .mp4 files"):
+    assert found["free_name.mp4"] == (None, None)  # never silently read as a prompt
+    assert evaluate.find_videos(folder, prompt_from_name=True)[-1].prompt == "free_name"
+    with pytest.raises(ValueError, match="no .mp4 files"):
         evaluate.find_videos(folder.parent)
+    with pytest.raises(ValueError, match="is not a folder"):
+        evaluate.find_videos(folder / "missing")
+
+
+def test_one_bad_file_loses_only_itself(folder, tmp_path, capsys):
+    (folder / "a broken video-0.mp4").write_bytes(b"not an mp4 at all")
+    out = tmp_path / "eval.json"
+    code = run(["--videos", str(folder), "--rewards", "clipscore,flow", "--reward-kwargs", TINY, "--out", str(out),
+                "--quiet"])
+    assert code == 1  # something was not scored
+    status = {v["file"]: v["status"] for v in json.loads(out.read_text())["videos"]}
+    assert status["a broken video-0.mp4"].startswith("unreadable")
+    assert status["free_name.mp4"].startswith("skipped: no prompt")
+    assert sum(s == "ok" for s in status.values()) == 4
+    assert "not scored" in capsys.readouterr().out
+
+
+def test_batches_hold_at_most_batch_size_videos(folder, monkeypatch):
+    import astrolabe_rl.video as video
+
+    reads = []
+    real = video.read_mp4
+    monkeypatch.setattr(video, "read_mp4", lambda path: reads.append(path) or real(path))
+    videos = evaluate.find_videos(folder)
+    held = []
+    for idx, frames in evaluate._read_batches(videos, [0, 1, 2, 3], 2, None):
+        held.append((len(reads), len(idx)))
+    assert held == [(2, 2), (4, 2)]  # each batch is scored as soon as it is read, not after the whole folder
 
 
 def test_evaluate_a_folder(folder, tmp_path, capsys):
     out = tmp_path / "eval.json"
     code = run(["--videos", str(folder), "--rewards", "clipscore,flow", "--reward-kwargs", TINY,
-                "--out", str(out), "--batch-size", "2"])
+                "--out", str(out), "--batch-size", "2", "--prompt-from-name"])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["rewards"] == ["clipscore", "flow"]
@@ -68,6 +97,7 @@ def test_evaluate_a_tiny_models_generations(tmp_path):
     assert code == 0
     names = sorted(p.name for p in saved.glob("*.mp4"))
     assert names == ["a blue square-0.mp4", "a blue square-1.mp4", "a red ball-0.mp4", "a red ball-1.mp4"]
+    assert json.loads((saved / "videos.json").read_text())["a red ball-1.mp4"]["prompt"] == "a red ball"
     result = json.loads(out.read_text())
     assert result["source"].startswith("tiny") and result["summary"]["clipscore"]["n"] == 4
 
@@ -78,3 +108,15 @@ def test_unknown_reward_is_a_clear_error(folder, tmp_path):
     with pytest.raises(ValueError, match="not among the rewards"):
         run(["--videos", str(folder), "--rewards", "clipscore", "--reward-kwargs", TINY,
              "--out", str(tmp_path / "x.json")])
+
+
+def test_generate_then_evaluate_round_trips_a_long_prompt(tmp_path):
+    """File names cut a long prompt; the sidecar keeps it whole, and evaluate reads it back."""
+    from astrolabe_rl.generate import GenerateOptions, generate
+
+    long = "a red ball " * 40
+    written = generate(GenerateOptions(model="tiny", prompt=long.strip(), num_videos=2, frames=5,
+                                       out=str(tmp_path / "v"), quiet=True))["videos"]
+    assert all(len(Path(w).name) < 120 for w in written)
+    found = evaluate.find_videos(tmp_path / "v")
+    assert [(v.prompt, v.index) for v in found] == [(long.strip(), 0), (long.strip(), 1)]

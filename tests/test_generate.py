@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from astrolabe_rl import cli
 from astrolabe_rl.generate import GenerateError, Scene, latent_frame_at, parse_prompt_line, switch_frames
-from astrolabe_rl.models import CausalWan, WanConfig, get_family
+from astrolabe_rl.models import FAMILIES, CausalWan, WanConfig, get_family
 
 pytest.importorskip("diffusers")
 pytest.importorskip("av")
@@ -74,7 +74,8 @@ def test_tiny_writes_a_playable_mp4_matching_the_latent_decode(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["videos"] == [str(tmp_path / "v_000_s3.mp4"), str(tmp_path / "v_001_s4.mp4")]
+    assert summary["videos"] == [str(tmp_path / "v" / "a red ball rolling to the right-0.mp4"),
+                                 str(tmp_path / "v" / "a blue cube-0.mp4")]
 
     latents = load_file(tmp_path / "z.safetensors")["latents"]
     decoded = WanVAE(random_vae(tiny_vae_config(), seed=0)).decode_reference(latents)  # [2, 9, 3, 64, 64]
@@ -116,7 +117,7 @@ def fake_wan(tmp_path, monkeypatch):
 
     cfg = WanConfig.tiny()
     family = replace(get_family("self_forcing"), model=cfg, latent_hw=(8, 8), horizon_frames=9)
-    monkeypatch.setattr("astrolabe_rl.generate.get_family", lambda name: family)
+    monkeypatch.setitem(FAMILIES, "self_forcing", family)
     wan = tmp_path / "wan"
     text = tiny_umt5_encoder(["a", "red", "ball"], d_model=cfg.text_dim, text_len=cfg.text_len)
     wan.mkdir()
@@ -161,3 +162,23 @@ def test_a_wrong_checkpoint_fails_with_the_teaching_error(fake_wan, capsys):
                    "--wan-dir", str(fake_wan / "wan"), "--frames", "9", "--quiet", "--out", str(fake_wan / "x.mp4")])
     err = capsys.readouterr().err
     assert rc == 2 and "does not fit the Wan DiT" in err and "missing" in err
+
+
+def test_toy_model_generates_and_takes_an_adapter(tmp_path):
+    """The toy family builds through the same loader as every family: generate, then the same with an adapter."""
+    from astrolabe_rl.policy import Policy
+    from astrolabe_rl.toy.model import load_toy_model
+
+    prompt = "a large red circle moving left quickly over stripes"
+    _run("--model", "toy", "--prompt", prompt, "--latents-out", str(tmp_path / "base.safetensors"))
+    pol = Policy(load_toy_model(), rank=4, alpha=4, seed=0)
+    for p in pol.trainable_parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    pol.copy_("old", "default")
+    pol.ema = {k: v.detach().clone() for k, v in pol.adapter_params("default").items()}
+    pol.save_adapter(tmp_path / "adapter")
+    _run("--model", "toy", "--prompt", prompt, "--adapter", str(tmp_path / "adapter"),
+         "--latents-out", str(tmp_path / "tuned.safetensors"), "--out", str(tmp_path / "tuned.mp4"))
+    base, tuned = (load_file(tmp_path / f"{n}.safetensors")["latents"] for n in ("base", "tuned"))
+    assert base.shape == (1, 9, 48, 8, 8) and (base - tuned).abs().amax() > 1e-2
+    assert (tmp_path / "tuned.mp4").stat().st_size > 1000

@@ -169,13 +169,13 @@ def test_a_failing_reward_marks_its_samples(tmp_path, policy):
 
     world.rewards["sharpness"] = world.scorer.rewards["sharpness"] = FunctionReward("sharpness", picky)
     plan = world.sampler_plan.epoch_plan(0)
-    with pytest.warns(RuntimeWarning, match="cannot score red things"):
-        batch = recipe.rollout_phase(world, plan)
-    scores, _ = recipe.score_phase(world, batch)
+    batch = recipe.rollout_phase(world, plan)
+    scores, _, report = recipe.score_phase(world, batch)
     red = torch.tensor(["red" in p for p in batch.prompts])
     assert torch.isnan(scores["sharpness"][red]).all() and torch.isfinite(scores["sharpness"][~red]).all()
     if not red.any():
         pytest.skip("this epoch drew no red prompt")
+    assert report.failed["sharpness"] == int(red.sum()) and "cannot score red things" in report.first_error["sharpness"]
     if policy == "abort":
         with pytest.raises(RuntimeError, match="on_error=abort"):
             recipe.advantage_phase(world, batch, scores)
@@ -183,7 +183,8 @@ def test_a_failing_reward_marks_its_samples(tmp_path, policy):
         adv = recipe.advantage_phase(world, batch, scores)
         assert torch.all(adv.r[red] == 0.5)
         assert torch.equal(adv.keep, ~red if policy == "drop" else torch.ones_like(red))
-        recipe.update_phase(world, batch, adv, 0)  # the update runs with the failed samples handled
+        stepped, _ = recipe.update_phase(world, batch, adv, 0)  # the update runs with the failed samples handled
+        assert stepped
     world.logger.close()
 
 
@@ -192,7 +193,7 @@ def test_async_scoring_gives_the_same_scores(tmp_path):
     for flag in ("false", "true"):
         world = recipe.setup(_cfg(tmp_path / flag, f"rewards.async_scoring={flag}"))
         batch = recipe.rollout_phase(world, world.sampler_plan.epoch_plan(0))
-        out.append(recipe.score_phase(world, batch))
+        out.append(recipe.score_phase(world, batch)[:2])
         world.logger.close()
     (a, ma), (b, mb) = out
     assert a.keys() == b.keys() and ma.keys() == mb.keys()

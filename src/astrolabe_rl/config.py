@@ -292,6 +292,21 @@ def _read_yaml_file(p: Path) -> Any:
         raise ValueError(_yaml_error(str(p), e)) from None
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # the shipped recipes (the checkout's configs/)
+
+
+def find_config(path: str | Path) -> Path:
+    """A YAML file by path, or a shipped recipe by name (``demo``, ``self_forcing_hpsv3``: `PACKAGED_CONFIGS`)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    packaged = PACKAGED_CONFIGS / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
+    if packaged.is_file() and p.parent in (Path("."), Path("configs")):
+        return packaged
+    shipped = ", ".join(sorted(f.stem for f in PACKAGED_CONFIGS.glob("*.yaml")))
+    raise ValueError(f"config file {p} does not exist (shipped recipes, usable by name: {shipped})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Schema defaults <- YAML file <- dotted overrides, then `validate`."""
     from omegaconf import OmegaConf
@@ -299,9 +314,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
     layers: list[dict] = []
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"config file {p} does not exist")
+        p = find_config(path)
         data = _read_yaml_file(p) or {}
         if not isinstance(data, dict):
             raise ValueError(f"config file {p} must hold a mapping at the top level")

@@ -80,7 +80,11 @@ class Family:
         horizon_frames: latent frames the model was trained on (21 = 81 pixel frames); longer videos with a
             global cache switch to a rolling window of this size.
         checkpoint_key: entry of the official ``.pt`` dict holding the weights to generate with.
+        temporal_stride: pixel frames per latent frame after the first (the Wan VAE's 4; the toy VAE's 1).
         description: one line for ``--help``.
+        loader: ``"module:attribute"`` of the object that builds its DiT, text encoder and decoder
+            (`models.build.FamilyLoader`), imported only when a model is built: a family defined outside
+            `astrolabe_rl.models` (the toy world's) registers its own without `models` importing it.
     """
 
     name: str
@@ -89,7 +93,9 @@ class Family:
     latent_hw: tuple[int, int] = (60, 104)
     horizon_frames: int = 21
     checkpoint_key: str = "generator_ema"
+    temporal_stride: int = 4
     description: str = ""
+    loader: str = "astrolabe_rl.models.build:OFFICIAL"
 
     def sampler_for(self, num_frames: int) -> SamplerConfig:
         """The sampler for a video of ``num_frames`` latent frames: beyond the training horizon a global cache
@@ -102,17 +108,13 @@ class Family:
 _SF = SamplerConfig(self_forcing_steps())
 
 
-def toy_wan_config() -> WanConfig:
-    """The shipped toy model (`astrolabe_rl.toy`): 4 layers, width 256, on 8×8×48 toy-VAE latents.
-
-    Its 2×2 patches of 48 channels make 192-wide tokens; the residual stream is wider (as Wan's 1536 is to its
-    64-wide patches) because the velocity head must reproduce the input noise almost exactly at σ ≈ 1: at width
-    192 that copy plateaued and the 4-step samples stayed noisy. Text: the toy encoder's 10 × 32 embeddings.
-    """
-    from astrolabe_rl.toy import text, vae
-
-    return WanConfig(dim=256, ffn_dim=512, num_heads=4, num_layers=4, freq_dim=128, text_dim=text.TEXT_DIM,
-                     text_len=text.TEXT_LEN, in_dim=vae.CHANNELS, out_dim=vae.CHANNELS)
+# The shipped toy model (`astrolabe_rl.toy`), written out so that `models` never imports the toy world (a test checks
+# it against the toy VAE's 48 channels and the toy text encoder's 10 × 32 embeddings): 4 layers, width 256, on
+# 8×8×48 toy-VAE latents. Its 2×2 patches of 48 channels make 192-wide tokens; the residual stream is wider (as Wan's
+# 1536 is to its 64-wide patches) because the velocity head must reproduce the input noise almost exactly at σ ≈ 1:
+# at width 192 that copy plateaued and the 4-step samples stayed noisy.
+TOY_WAN = WanConfig(dim=256, ffn_dim=512, num_heads=4, num_layers=4, freq_dim=128, text_dim=32, text_len=10,
+                    in_dim=48, out_dim=48)
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -138,9 +140,11 @@ FAMILIES: dict[str, Family] = {
         Family("krea14b", WanConfig.wan_14b(), _SF, checkpoint_key="generator_ema",
                description="Krea Realtime 14B (Self-Forcing on Wan2.1-14B)"),
         Family("tiny", WanConfig.tiny(), _SF, latent_hw=(8, 8), horizon_frames=9,
-               description="a 2-layer random-weight model for CPU smoke tests"),
-        Family("toy", toy_wan_config(), _SF, latent_hw=(8, 8), horizon_frames=9,
-               description="the shipped toy-world model (astrolabe demo): 32×32 pixels, 9 frames, 4 steps"),
+               description="a 2-layer random-weight model for CPU smoke tests",
+               loader="astrolabe_rl.models.build:TINY"),
+        Family("toy", TOY_WAN, _SF, latent_hw=(8, 8), horizon_frames=9, temporal_stride=1,
+               description="the shipped toy-world model (astrolabe demo): 32×32 pixels, 9 frames, 4 steps",
+               loader="astrolabe_rl.toy.model:LOADER"),
     )
 }
 

@@ -33,42 +33,33 @@ from typing import Any
 import torch
 from torch import Tensor
 
-REWARDS = {"toy_quality": 1.0, "toy_motion": 1.0, "toy_text": 1.0}
 MONITORS = ["toy_noise", "brightness", "saturation"]
 HACK_MONITOR = "toy_noise"
 
-# Sizes: (prompts per epoch, candidates, epochs, held-out prompts, seeds per held-out prompt)
-PRESETS: dict[str, dict[str, int]] = {
-    "full": {"prompts": 8, "candidates": 8, "epochs": 60, "eval_prompts": 12, "eval_seeds": 4},
-    "quick": {"prompts": 6, "candidates": 6, "epochs": 24, "eval_prompts": 8, "eval_seeds": 3},
+# Each preset: overrides of configs/demo.yaml (the full run) and the held-out evaluation's size.
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": {"overrides": [], "eval_prompts": 12, "eval_seeds": 4},
+    "quick": {"overrides": ["rollout.prompts_per_epoch=6", "rollout.candidates=6", "train.epochs=24"],
+              "eval_prompts": 8, "eval_seeds": 3},
 }
 
 
 def demo_config(out: Path, preset: str = "full", epochs: int | None = None, seed: int = 0,
                 overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """The demo's `Config`: the toy family, LoRA r16, the three toy rewards, the release NFT defaults.
-
-    ``overrides`` are dotted ``key=value`` strings applied last (as on the ``astrolabe train`` command line).
-    """
+    """The demo's `Config`: ``configs/demo.yaml`` (the toy family, LoRA r16, the toy rewards, the release NFT
+    defaults), the preset's sizes, the toy world's prompts, then ``overrides`` (dotted ``key=value`` strings, as on
+    the ``astrolabe train`` command line)."""
     from astrolabe_rl.config import load_config
     from astrolabe_rl.toy import world
 
     size = PRESETS[preset]
     base = [
-        f"run_dir={out / 'run'}",
-        "model.family=toy", "model.gradient_checkpointing=false",
-        "lora.rank=16", "lora.alpha=16",
+        f"run_dir={out / 'run'}", f"train.seed={seed}", *size["overrides"],
         f"data.prompts={json.dumps(world.split('train'))}",
         f"data.eval_inline={json.dumps(world.eval_prompts(size['eval_prompts']))}",
-        f"rollout.prompts_per_epoch={size['prompts']}", f"rollout.candidates={size['candidates']}",
-        "rollout.num_frames=9", "rollout.micro_batch=32",
-        "rewards.components=" + json.dumps([{"name": n, "weight": w} for n, w in REWARDS.items()]),
-        f"rewards.monitors={json.dumps(MONITORS)}",
-        f"train.epochs={epochs or size['epochs']}", "train.lr=1e-3", f"train.seed={seed}",
-        "eval.every=5", "eval.seeds=[0]", "eval.videos=0",
-        "checkpoint.every=0", "log.tensorboard=false", "log.table=false", "log.progress=false",
+        *([f"train.epochs={epochs}"] if epochs else []),
     ]
-    return load_config(None, [*base, *overrides])
+    return load_config("demo", [*base, *overrides])
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -78,20 +69,12 @@ def demo_config(out: Path, preset: str = "full", epochs: int | None = None, seed
 def held_out_videos(world: Any, which: str, seeds: list[int]) -> Tensor:
     """Videos ``[N, T, 3, H, W]`` of every held-out prompt × seed from the base (``"base"``) or the EMA
     (``"after"``) weights; the noise of sample (prompt i, seed s) is the same for both."""
-    from astrolabe_rl.rollout import rollout
+    from astrolabe_rl.train.recipe import sample_videos
 
     prompts = [p for p in world.eval_prompts for _ in seeds]
     noise_seeds = [10_000 * s + i for i in range(len(world.eval_prompts)) for s in seeds]
-    text = world.encode(prompts)
-    ctx = world.policy.use("ref") if which == "base" else world.policy.ema_weights()
-    out = []
-    with ctx as model:
-        for i in range(0, len(prompts), world.cfg.rollout.micro_batch):
-            sl = slice(i, i + world.cfg.rollout.micro_batch)
-            latents = rollout(model, text[sl], num_frames=world.num_frames, latent_hw=world.family.latent_hw,
-                              sampler=world.sampler, seeds=noise_seeds[sl]).latents
-            out.append(world.decode(latents).float())
-    return torch.cat(out)
+    with world.policy.use("ref") if which == "base" else world.policy.ema_weights() as model:
+        return torch.cat([videos for _, _, videos in sample_videos(world, model, prompts, noise_seeds)])
 
 
 def real_videos(prompts: list[str], seeds: list[int]) -> Tensor:
@@ -155,7 +138,7 @@ def plot_curves(metrics_file: Path, out: Path) -> Path:
 
     metrics = read_metrics(metrics_file)
     panels = [("reward/total", "training reward (combined)"), ("eval/reward/total", "held-out reward (EMA)"),
-              ("policy/kl", "KL to base  ‖x̂0_θ − x̂0_ref‖²"), (f"monitor/{HACK_MONITOR}", "hack monitor: noise")]
+              ("loss/kl", "KL to base  ‖x̂0_θ − x̂0_ref‖²"), (f"monitor/{HACK_MONITOR}", "hack monitor: noise")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (key, title) in zip(axes, panels):
         steps, values = metrics.get(key, ([], []))
@@ -174,66 +157,56 @@ def plot_curves(metrics_file: Path, out: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ the demo
 
 
-def train_epochs(world: Any, progress: bool) -> None:
-    """`recipe.run_epoch` until ``train.epochs``, with a progress bar showing the reward and the KL."""
-    from astrolabe_rl.train import recipe
-    from astrolabe_rl.train.logging import progress as progress_bar
-
-    bar = progress_bar(world.cfg.train.epochs, "epochs") if progress else None
-    while world.epoch < world.cfg.train.epochs:
-        metrics = recipe.run_epoch(world)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", kl=f"{metrics.get('policy/kl', 0.0):.2g}")
-    if bar is not None:
-        bar.close()
-
-
 def summarise(world: Any, results: dict[str, Any], seeds: list[int], preset: str) -> dict[str, Any]:
     """The demo's JSON summary: held-out rewards before / after / real, gap closed, worse axes, KL, hack monitor."""
     from astrolabe_rl.toy import world as toy_world
 
     from astrolabe_rl.train.logging import read_metrics
 
-    kls = [v for v in read_metrics(Path(world.cfg.run_dir) / "metrics.jsonl").get("policy/kl", ([], []))[1]
+    kls = [v for v in read_metrics(Path(world.cfg.run_dir) / "metrics.jsonl").get("loss/kl", ([], []))[1]
            if not math.isnan(v)]
     return {
         "demo": preset, "epochs": world.cfg.train.epochs, "seed": world.cfg.train.seed,
         "held_out": {"prompts": len(world.eval_prompts), "seeds": seeds, "split_size": len(toy_world.split("held_out"))},
         "gap_closed": results["total"]["gap_closed"],
-        "worse_axes": [n for n in REWARDS if results[n]["delta"] < -2 * results[n]["delta_se"]],
+        "worse_axes": [n for n in world.rewards if results[n]["delta"] < -2 * results[n]["delta_se"]],
         "kl_final": kls[-1] if kls else None, "kl_max": max(kls) if kls else None,
         "hack_monitor": results[HACK_MONITOR],
-        "rewards": {n: results[n] for n in [*REWARDS, "total"]},
-        "monitors": {n: results[n] for n in MONITORS},
+        "rewards": {n: results[n] for n in [*world.rewards, "total"]},
+        "monitors": {n: results[n] for n in world.monitors},
     }
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False, epochs: int | None = None, seed: int = 0,
+def run_demo(out: str | Path | None = None, quick: bool = False, epochs: int | None = None, seed: int = 0,
              overrides: list[str] | tuple[str, ...] = (), progress: bool = True) -> dict[str, Any]:
-    """Train, evaluate before/after on held-out prompts, write grids, curves and the summary; returns the summary."""
+    """Train (the recipe's own loop), evaluate before/after on held-out prompts, write grids, curves and the
+    summary; returns the summary. Each preset writes into its own folder (``runs/demo``, ``runs/demo-quick``)."""
     from astrolabe_rl.train import recipe
     from astrolabe_rl.video import write_mp4
 
     start = time.perf_counter()
-    out = Path(out)
     preset = "quick" if quick else "full"
-    cfg = demo_config(out, preset, epochs, seed, overrides)
+    out = Path(out or ("runs/demo-quick" if quick else "runs/demo"))
+    cfg = demo_config(out, preset, epochs, seed, [f"log.progress={str(progress).lower()}", *overrides])
     seeds = list(range(PRESETS[preset]["eval_seeds"]))
-    world = recipe.setup(cfg)
-    videos = {"before": held_out_videos(world, "base", seeds)}
-    train_epochs(world, progress)
-    videos["after"] = held_out_videos(world, "after", seeds)
-    recipe.finish(world)
-    videos["real"] = real_videos(world.eval_prompts, seeds)
+    videos: dict[str, Tensor] = {}
+    held: dict[str, Any] = {}
 
-    results = compare(*(score(world, videos[k], seeds) for k in ("before", "after", "real")))
+    def before(world: Any) -> None:
+        videos["before"] = held_out_videos(world, "base", seeds)
+
+    def after(world: Any) -> None:
+        videos["after"] = held_out_videos(world, "after", seeds)
+        videos["real"] = real_videos(world.eval_prompts, seeds)
+        held["results"] = compare(*(score(world, videos[k], seeds) for k in ("before", "after", "real")))
+        held["summary"] = summarise(world, held["results"], seeds, preset)
+
+    recipe.train(cfg, recipe.Callbacks(on_start=before, on_end=after))
     cols = len(seeds) * max(1, 4 // len(seeds))  # one prompt per row (two when there are only 1-2 seeds)
     for name, clips in videos.items():
         write_mp4(out / f"{name}.mp4", tile(clips, cols), fps=4)
     plot_curves(Path(cfg.run_dir) / "metrics.jsonl", out / "curves.png")
-    summary = {**summarise(world, results, seeds, preset), "wall_s": round(time.perf_counter() - start, 1),
-               "out": str(out)}
+    summary = {**held["summary"], "wall_s": round(time.perf_counter() - start, 1), "out": str(out)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -252,7 +225,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--quick", action="store_true",
                    help="the ≈1.5-minute version (fewer prompts, epochs, held-out prompts and seeds)")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (full 60, quick 24)")
-    p.add_argument("--out", default="runs/demo", help="output folder (grids, curves, summary, the run)")
+    p.add_argument("--out", default=None,
+                   help="output folder: grids, curves, summary, the run (default: runs/demo, runs/demo-quick)")
     p.add_argument("--seed", type=int, default=0, help="train.seed: the adapter init, prompts, noise and σ draws")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.lr=1e-4 rollout.candidates=4")

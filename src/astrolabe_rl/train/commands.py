@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _config(args: argparse.Namespace):
@@ -34,32 +35,30 @@ def cmd_print_config(args: argparse.Namespace) -> int:
 
 
 def cmd_merge_lora(args: argparse.Namespace) -> int:
-    """Merge a trained adapter into the base DiT and write the weights with original Wan key names."""
+    """Fold a trained adapter into the family's DiT (`models.build`, as every command builds it) and write the weights
+    with original Wan key names."""
     import torch
     from safetensors.torch import save_file
 
-    from astrolabe_rl.models import CausalWan, get_family
-    from astrolabe_rl.policy import merge_lora
+    from astrolabe_rl.generate import options_from_args
+    from astrolabe_rl.models.build import build_dit
+    from astrolabe_rl.models.families import get_family
 
+    if not args.adapter:
+        raise ValueError("merge-lora needs --adapter (a run folder, one of its checkpoints, or a peft folder)")
     family = get_family(args.model)
-    if args.base is None:
-        if family.name != "tiny":
-            raise ValueError(f"--base is required for --model {family.name} (the official checkpoint)")
-        torch.manual_seed(args.init_seed)
-        base = CausalWan(family.model)
-    else:
-        from astrolabe_rl.models import loading
-
-        base = loading.load_causal_wan(args.base, family.model, key=family.checkpoint_key)
-    merged = merge_lora(base, args.adapter)
+    merged = build_dit(family, options_from_args(args).source())
     state = {k: v.detach().to(getattr(torch, args.dtype)).contiguous() for k, v in merged.state_dict().items()}
-    save_file(state, args.out, metadata={"format": "wan-original", "family": family.name})
+    tmp = Path(args.out).with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"format": "wan-original", "family": family.name})
+    tmp.replace(args.out)  # a crash never leaves a half-written file under the final name
     print(json.dumps({"out": args.out, "tensors": len(state)}))
     return 0
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from astrolabe_rl.models.families import FAMILIES
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``train``, ``print-config`` and ``merge-lora``."""
+    from astrolabe_rl.generate import add_weight_flags
 
     for name, fn, help_ in (
         ("train", cmd_train, "run the Astrolabe RL recipe (torchrun for several GPUs)"),
@@ -75,11 +74,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         else:
             p.add_argument("--no-docs", action="store_true", help="plain YAML without comments")
 
-    m = sub.add_parser("merge-lora", help="merge a trained adapter into the base weights")
-    m.add_argument("--adapter", required=True, help="adapter folder (run_dir/adapter) or a checkpoint's adapter")
-    m.add_argument("--model", default="tiny", choices=list(FAMILIES), help="family of the base model")
-    m.add_argument("--base", default=None, help="official base checkpoint (not needed for tiny)")
-    m.add_argument("--init-seed", type=int, default=0, help="weight seed of the tiny base model")
+    m = sub.add_parser("merge-lora", help="merge a trained adapter into the base weights",
+                       description="Fold an adapter into the family's base DiT (--checkpoint, or its default: the "
+                                   "official download location, the shipped toy weights, the random tiny model).")
+    add_weight_flags(m.add_argument_group("weights"))
+    m.set_defaults(checkpoint=None)
+    m.add_argument("--base", dest="checkpoint", default=None, help="alias of --checkpoint")
     m.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     m.add_argument("--out", required=True, help="output .safetensors (original Wan key names)")
     m.set_defaults(func=cmd_merge_lora)

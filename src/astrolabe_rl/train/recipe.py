@@ -11,18 +11,21 @@ One epoch is one optimiser step (`reference/astrolabe.md` §2.2, DESIGN §3):
     sync_phase(...)                                        θ_old ← η·θ_old + (1 − η)·θ ; EMA
     evaluate / log / checkpoint
 
-Everything that touches torch.distributed lives in `train.dist`; this file reads like the algorithm.
+`train` runs `setup`, the epochs and `teardown`; a caller that needs to act around them (the toy demo films the
+base before training and the EMA after) passes `Callbacks` rather than copying the loop. Everything that touches
+torch.distributed lives in `train.dist`; this file reads like the algorithm.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
-from concurrent.futures import Future
 import warnings
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -31,12 +34,13 @@ from astrolabe_rl.algo.advantages import group_advantages, group_reward_stats, o
 from astrolabe_rl.algo.nft import nft_objective
 from astrolabe_rl.algo.sync import ema_decay, old_decay
 from astrolabe_rl.config import CRITICAL_KEYS, Config, TrainConfig, dump_yaml, to_dict
+from astrolabe_rl.models.build import ModelIO, ModelSource, load_model_io
 from astrolabe_rl.models.families import Family, SamplerConfig, get_family
 from astrolabe_rl.models.schedule import renoise, sigma_of, x0_from_velocity
 from astrolabe_rl.models.wan import CausalWan
 from astrolabe_rl.policy import Policy
 from astrolabe_rl.rewards.async_ import AsyncScorer
-from astrolabe_rl.rewards.base import Reward, build_reward, score_all
+from astrolabe_rl.rewards.base import FailureReport, Reward, build_reward, check_failures, score_all
 from astrolabe_rl.rewards.combine import combine_rewards
 from astrolabe_rl.rollout import rollout
 from astrolabe_rl.train import dist
@@ -58,18 +62,17 @@ RELEASE_SIGMAS = (1.0, 0.75, 0.5, 0.25)  # the unwarped DMD list the released tr
 
 @dataclass
 class World:
-    """Everything built once per run."""
+    """Everything built once per run (by `setup`, by keyword), plus the step and epoch counters."""
 
     cfg: Config
     ctx: dist.DistContext
     family: Family
     sampler: SamplerConfig
-    num_frames: int
+    num_frames: int  # latent frames per video
+    io: ModelIO  # the base DiT (inside `policy`), the text encoder and the decoder
     policy: Policy
     train_model: torch.nn.Module  # the DDP/FSDP-wrapped DiT for the θ pass (== policy.model in one process)
     optimizer: torch.optim.Optimizer
-    encode: Callable[[list[str]], Tensor]  # prompts -> text embeddings [B, L, D]
-    decode: Callable[[Tensor], Tensor]  # latents [B, F, C, H, W] -> videos [B, T, 3, H, W] in [0, 1]
     rewards: dict[str, Reward]
     weights: dict[str, float]
     monitors: dict[str, Reward]
@@ -80,7 +83,16 @@ class World:
     logger: RunLogger
     step: int = 0
     epoch: int = 0
-    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Callbacks:
+    """Hooks around `train`'s loop (each optional): ``on_start(world)`` after setup (and resume), ``on_epoch(world,
+    metrics)`` after each epoch, ``on_end(world)`` after the last epoch, before teardown."""
+
+    on_start: Callable[[World], None] | None = None
+    on_epoch: Callable[[World, dict[str, float]], None] | None = None
+    on_end: Callable[[World], None] | None = None
 
 
 @dataclass
@@ -113,42 +125,10 @@ def _read_prompts(path: str | None, inline: list[str], what: str) -> list[str]:
     return list(inline) if path is None else read_prompt_file(path, f"{what} file")
 
 
-def build_model_io(
-    cfg: Config, family: Family, device: torch.device, dtype: torch.dtype
-) -> tuple[CausalWan, Callable[[list[str]], Tensor], Callable[[Tensor], Tensor]]:
-    """The base DiT, the text encoder and the decoder for this family (tiny: random weights from init_seed; toy:
-    the shipped toy-world weights, word table and exact toy VAE)."""
-    from astrolabe_rl.models import loading, text, vae
-
-    if family.name == "tiny":
-        torch.manual_seed(cfg.model.init_seed)
-        model = CausalWan(family.model)
-        encoder = text.HashTextEncoder(family.model.text_dim, family.model.text_len, seed=cfg.model.init_seed)
-    elif family.name == "toy":  # the shipped toy-world model (or cfg.model.checkpoint) and its word table
-        from astrolabe_rl.toy.model import load_toy_model
-        from astrolabe_rl.toy.text import ToyTextEncoder
-
-        model = load_toy_model(cfg.model.checkpoint)
-        encoder = ToyTextEncoder()
-    else:
-        model = loading.load_causal_wan(cfg.model.checkpoint, family.model, key=family.checkpoint_key,
-                                        lora=cfg.model.lora, device=device, dtype=dtype)
-        encoder = text.load_umt5(cfg.model.wan_dir, device=device, dtype=dtype)
-    model = model.to(device, dtype)
-    kind = cfg.model.vae if cfg.model.vae != "auto" else {"tiny": "tiny", "toy": "toy"}.get(family.name, "wan")
-    if kind == "toy":
-        from astrolabe_rl.toy import vae as toy_vae
-
-        decode = toy_vae.decode
-    elif kind == "tiny":
-        decode = vae.WanVAE(vae.random_vae(vae.tiny_vae_config(), seed=cfg.model.init_seed).to(device)).decode
-    else:
-        decode = vae.load_vae(cfg.model.wan_dir, device=device, dtype=dtype).decode
-
-    def encode(prompts: list[str]) -> Tensor:
-        return encoder(prompts).to(device, dtype)
-
-    return model, encode, decode
+def model_source(cfg: Config) -> ModelSource:
+    """Where the run's weights come from (`models.build`, the builder every command uses)."""
+    m = cfg.model
+    return ModelSource(checkpoint=m.checkpoint, lora=m.lora, wan_dir=m.wan_dir, init_seed=m.init_seed, vae=m.vae)
 
 
 def setup(cfg: Config) -> World:
@@ -157,12 +137,11 @@ def setup(cfg: Config) -> World:
     device, dtype = _device_and_dtype(cfg, ctx)
     family = get_family(cfg.model.family)
     num_frames = cfg.rollout.num_frames or family.horizon_frames
-    sampler = family.sampler_for(num_frames)
 
-    model, encode, decode = build_model_io(cfg, family, device, dtype)
-    model.gradient_checkpointing = cfg.model.gradient_checkpointing
-    model.attn_backend = cfg.model.attn_backend
-    policy = Policy(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets,
+    io = load_model_io(family, model_source(cfg), device, dtype)
+    io.model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    io.model.attn_backend = cfg.model.attn_backend
+    policy = Policy(io.model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets,
                     seed=dist.mix_seed(cfg.train.seed, "lora-init"))
     if cfg.lora.init:
         policy.load_adapter(cfg.lora.init)
@@ -176,23 +155,18 @@ def setup(cfg: Config) -> World:
     )
 
     rewards = {item.name: build_reward(item.name, **item.kwargs) for item in cfg.rewards.components}
-    weights = {item.name: item.weight for item in cfg.rewards.components}
     monitors = {name: build_reward(name) for name in cfg.rewards.monitors}
-    scorer = AsyncScorer({**rewards, **monitors}, enabled=cfg.rewards.async_scoring,
-                         on_error=lambda name, msg: _warn_main(ctx, f"reward {name} failed on part of a batch: {msg}"))
-
     prompts = _read_prompts(cfg.data.train_prompts, cfg.data.prompts, "data.train_prompts")
-    eval_prompts = _read_prompts(cfg.data.eval_prompts, cfg.data.eval_inline, "data.eval_prompts")
-    sampler_plan = dist.GroupSampler(
-        len(prompts), cfg.rollout.prompts_per_epoch, cfg.rollout.candidates, ctx.world_size, ctx.rank, cfg.train.seed
-    )
-    logger = RunLogger(
-        Path(cfg.run_dir), tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
-        wandb_project=cfg.log.wandb_project, config=to_dict(cfg), is_main=ctx.is_main,
-    )
     world = World(
-        cfg, ctx, family, sampler, num_frames, policy, train_model, optimizer, encode, decode, rewards, weights,
-        monitors, scorer, prompts, eval_prompts, sampler_plan, logger,
+        cfg=cfg, ctx=ctx, family=family, sampler=family.sampler_for(num_frames), num_frames=num_frames, io=io,
+        policy=policy, train_model=train_model, optimizer=optimizer, rewards=rewards,
+        weights={item.name: item.weight for item in cfg.rewards.components}, monitors=monitors,
+        scorer=AsyncScorer({**rewards, **monitors}, enabled=cfg.rewards.async_scoring, on_error=None),
+        prompts=prompts, eval_prompts=_read_prompts(cfg.data.eval_prompts, cfg.data.eval_inline, "data.eval_prompts"),
+        sampler_plan=dist.GroupSampler(len(prompts), cfg.rollout.prompts_per_epoch, cfg.rollout.candidates,
+                                       ctx.world_size, ctx.rank, cfg.train.seed),
+        logger=RunLogger(Path(cfg.run_dir), tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
+                         wandb_project=cfg.log.wandb_project, config=to_dict(cfg), is_main=ctx.is_main),
     )
     _maybe_resume(world)
     return world
@@ -222,30 +196,36 @@ def _chunks(n: int, size: int) -> list[slice]:
 
 
 @torch.no_grad()
+def sample_videos(world: World, model: CausalWan, prompts: list[str],
+                  seeds: list[int]) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    """Sample one video per (prompt, seed) with the family's own few-step sampler (CFG-free) in micro-batches of
+    ``rollout.micro_batch``, and decode each: yields ``(slice into prompts, latents [b, F, C, h, w], videos
+    [b, T, 3, H, W] float in [0, 1])`` as each micro-batch is ready. Training, evaluation and the demo sample here."""
+    text = world.io.encode(prompts)
+    for sl in _chunks(len(prompts), world.cfg.rollout.micro_batch):
+        out = rollout(model, text[sl], num_frames=world.num_frames, latent_hw=world.family.latent_hw,
+                      sampler=world.sampler, seeds=seeds[sl])
+        yield sl, out.latents, world.io.decode(out.latents).float()
+
+
 def rollout_phase(world: World, plan: list[dist.Sample]) -> Batch:
-    """θ_old samples every planned video (CFG-free, the family's own few-step sampler), in micro-batches.
+    """θ_old samples every planned video, in micro-batches.
 
     Each micro-batch is decoded and handed to the scorer at once, so with ``rewards.async_scoring`` the rewards of
     micro-batch k run while micro-batch k+1 is sampled.
     """
     prompts = [world.prompts[s.prompt_id] for s in plan]
-    text = world.encode(prompts)
     seeds = [s.seed_for_noise for s in plan]
     latents, pending, first_videos = [], [], None
     with world.policy.use("old") as model:
-        for sl in _chunks(len(plan), world.cfg.rollout.micro_batch):
-            out = rollout(
-                model, text[sl], num_frames=world.num_frames, latent_hw=world.family.latent_hw,
-                sampler=world.sampler, seeds=seeds[sl],
-            )
-            latents.append(out.latents)
-            videos = world.decode(out.latents).float()
+        for sl, lat, videos in sample_videos(world, model, prompts, seeds):
+            latents.append(lat)
             first_videos = videos if first_videos is None else first_videos
             pending.append(world.scorer.submit(videos, prompts[sl]))
-    device = text.device
+    device = latents[0].device
     return Batch(
         latents=torch.cat(latents),
-        text=text,
+        text=world.io.encode(prompts),
         prompt_ids=torch.tensor([s.prompt_id for s in plan], device=device),
         global_index=torch.tensor([s.global_index for s in plan], device=device),
         seeds=seeds,
@@ -255,22 +235,35 @@ def rollout_phase(world: World, plan: list[dist.Sample]) -> Batch:
     )
 
 
-def score_phase(world: World, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def score_phase(world: World, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor], FailureReport]:
     """Collect every reward (raw) and every monitor of the batch: ``{name: [n]}`` each, NaN where a reward failed
-    on a sample (its message was reported by the scorer)."""
+    on a sample (NaN, ±inf or an exception), and the failures of every rank (failed share, first error)."""
     results = [f.result() for f in batch.pending]
     device = batch.latents.device
 
     def cat(names: dict[str, Reward]) -> dict[str, Tensor]:
         return {k: torch.cat([r[k] for r in results]).to(device) for k in names}
 
-    return cat(world.rewards), cat(world.monitors)
+    report = FailureReport()
+    for part in dist.all_gather_object(world.ctx, world.scorer.drain_failures()):
+        report = report.merge(part)
+    return cat(world.rewards), cat(world.monitors), report
+
+
+def check_rewards(world: World, report: FailureReport, epoch: int) -> None:
+    """Failures are loud: a warning on rank 0 in every epoch that has one (naming the reward and its first error),
+    and a clear stop when an optimised reward fails on more than ``rewards.max_failed_frac`` of the samples."""
+    message = report.warning(epoch)
+    if message and world.ctx.is_main:
+        print(message, file=sys.stderr, flush=True)
+    check_failures(report, world.cfg.rewards.max_failed_frac, names=world.rewards)
 
 
 @dataclass
 class Advantages:
     r: Tensor  # [n] optimality probability of this rank's samples
     keep: Tensor  # [n] bool: False for dropped samples (reward failed, on_error=drop)
+    usable: Tensor  # [N] bool over the whole epoch (every rank): the combined reward is finite
     adv: Tensor  # [n]
     total: Tensor  # [n] combined reward
     norm: dict[str, Tensor]  # [n] per reward, the values actually summed
@@ -289,7 +282,7 @@ def advantage_phase(world: World, batch: Batch, scores: dict[str, Tensor]) -> Ad
     groups = gather(batch.prompt_ids)
     order = gather(batch.global_index)
     total, norm = combine_rewards(all_scores, world.weights, groups, mode=cfg.rewards.combine)
-    failed = torch.isnan(total)
+    failed = ~torch.isfinite(total)
     if failed.any() and cfg.rewards.on_error == "abort":
         raise RuntimeError(f"{int(failed.sum())} samples have a failed reward and rewards.on_error=abort")
     adv = group_advantages(total, groups, std=cfg.train.adv_std)
@@ -304,7 +297,7 @@ def advantage_phase(world: World, batch: Batch, scores: dict[str, Tensor]) -> Ad
         metrics[f"reward/{name}/raw"] = _nanmean(all_scores[name])
         metrics[f"reward/{name}/norm"] = _nanmean(norm[name])
     keep = ~failed[mine] if cfg.rewards.on_error == "drop" else torch.ones_like(failed[mine])
-    return Advantages(r[mine], keep, adv[mine], total[mine], {k: v[mine] for k, v in norm.items()}, metrics)
+    return Advantages(r[mine], keep, ~failed, adv[mine], total[mine], {k: v[mine] for k, v in norm.items()}, metrics)
 
 
 def _train_sigmas(world: World, generator: torch.Generator) -> float:
@@ -364,12 +357,20 @@ def micro_step(
     )
 
 
-def update_phase(world: World, batch: Batch, adv: Advantages, epoch: int) -> dict[str, float]:
-    """Accumulate the NFT gradient over every micro-batch, then one clipped AdamW step (skipped if non-finite)."""
+def update_phase(world: World, batch: Batch, adv: Advantages, epoch: int) -> tuple[bool, dict[str, float]]:
+    """Accumulate the NFT gradient over every micro-batch, then one clipped AdamW step.
+
+    Returns whether the optimiser stepped (not when the gradient is non-finite, or when no sample of the epoch has
+    a usable reward: nothing to learn from) and the metrics: every statistic of the objective as ``loss/<name>``
+    (mean over micro-batches), the training σ, the gradient norm.
+    """
     cfg = world.cfg
+    world.optimizer.zero_grad(set_to_none=True)
+    if not bool(adv.usable.any()):
+        _warn_main(world.ctx, f"no sample of epoch {epoch} has a usable reward: no optimiser step")
+        return False, {"train/skipped_step": 1.0}
     chunks = _chunks(batch.latents.shape[0], cfg.rollout.micro_batch)
     sums: dict[str, float] = {}
-    world.optimizer.zero_grad(set_to_none=True)
     for i, sl in enumerate(chunks):
         first = int(batch.global_index[sl][0])
         g = torch.Generator().manual_seed(dist.mix_seed(cfg.train.seed, "sigma", epoch, first))
@@ -382,22 +383,18 @@ def update_phase(world: World, batch: Batch, adv: Advantages, epoch: int) -> dic
                 batch.latents[sl], batch.text[sl], adv.r[sl], adv.keep[sl], sigma, noise,
             )
             (loss / len(chunks)).backward()
-        for k, v in stats.items():
+        for k, v in {**stats, "sigma": sigma}.items():
             sums[k] = sums.get(k, 0.0) + float(v) / len(chunks)
-    params = world.policy.trainable_parameters()
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip))
-    skipped = not math.isfinite(grad_norm) and cfg.train.skip_nonfinite
-    if skipped:
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(world.policy.trainable_parameters(), cfg.train.grad_clip))
+    stepped = math.isfinite(grad_norm) or not cfg.train.skip_nonfinite
+    if stepped:
+        world.optimizer.step()
+    else:
         _warn_main(world.ctx, f"non-finite gradient (norm {grad_norm}) at epoch {epoch}: optimiser step skipped")
         world.optimizer.zero_grad(set_to_none=True)
-    else:
-        world.optimizer.step()
-        world.step += 1
-    metrics = {f"loss/{k}": v for k, v in sums.items() if k in ("loss", "policy_loss", "kl_selected")}
-    metrics.update({f"policy/{k}": v for k, v in sums.items() if k in ("kl", "old_deviate", "x0_norm")})
-    metrics.update({"train/grad_norm": grad_norm, "train/skipped_step": float(skipped),
-                    "train/pos_loss": sums.get("pos_loss", 0.0), "train/neg_loss": sums.get("neg_loss", 0.0)})
-    return metrics
+    metrics = {f"loss/{k}": v for k, v in sums.items() if k != "sigma"}
+    metrics.update({"train/sigma": sums["sigma"], "train/grad_norm": grad_norm, "train/skipped_step": float(not stepped)})
+    return stepped, metrics
 
 
 def sync_phase(world: World) -> None:
@@ -421,14 +418,11 @@ def evaluate(world: World) -> dict[str, float]:
     local: dict[str, list[Tensor]] = {name: [] for name in scorers}
     written = 0
     with world.policy.ema_weights() as model:
-        for sl in _chunks(len(mine), cfg.rollout.micro_batch):
-            prompts = [p for p, _ in mine[sl]]
-            out = rollout(model, world.encode(prompts), num_frames=world.num_frames,
-                          latent_hw=world.family.latent_hw, sampler=world.sampler, seeds=[s for _, s in mine[sl]])
-            videos = world.decode(out.latents).float()
-            got, _ = score_all(scorers, videos, prompts)
+        prompts = [p for p, _ in mine]
+        for sl, latents, videos in sample_videos(world, model, prompts, [s for _, s in mine]):
+            got, _ = score_all(scorers, videos, prompts[sl])
             for name, v in got.items():
-                local[name].append(v.to(out.latents.device))
+                local[name].append(v.to(latents.device))
             for j in range(videos.shape[0]):
                 if ctx.is_main and written < cfg.eval.videos:
                     caption = {name: float(v[j]) for name, v in got.items()}
@@ -504,16 +498,19 @@ def run_epoch(world: World) -> dict[str, float]:
     plan = world.sampler_plan.epoch_plan(epoch)
     batch = rollout_phase(world, plan)
     t1 = time.perf_counter()
-    scores, monitors = score_phase(world, batch)
+    scores, monitors, failures = score_phase(world, batch)
+    check_rewards(world, failures, epoch)
     t2 = time.perf_counter()
     adv = advantage_phase(world, batch, scores)
-    metrics = update_phase(world, batch, adv, epoch)
-    if not metrics["train/skipped_step"]:  # θ did not move: nothing to follow
-        sync_phase(world)
+    stepped, metrics = update_phase(world, batch, adv, epoch)
+    if stepped:
+        world.step += 1
+        sync_phase(world)  # θ moved: θ_old and the EMA follow
     t3 = time.perf_counter()
     world.epoch = epoch + 1
 
     metrics.update(adv.metrics)
+    metrics.update(failures.metrics())
     for name, v in monitors.items():
         metrics[f"monitor/{name}"] = float(dist.all_reduce_mean(ctx, torch.tensor(_nanmean(v), device=device)))
     metrics.update({"perf/rollout_s": t1 - t0, "perf/reward_s": t2 - t1, "perf/train_s": t3 - t2,
@@ -533,29 +530,43 @@ def run_epoch(world: World) -> dict[str, float]:
     return metrics
 
 
-def finish(world: World) -> None:
-    if world.cfg.log.plots:
-        world.logger.plot()
-    world.logger.close()
+def teardown(world: World) -> None:
+    """Undo `setup` in reverse: plots, the scorer's threads, the logger's files, the process group."""
+    try:
+        if world.cfg.log.plots:
+            world.logger.plot()
+    finally:
+        world.scorer.close()
+        world.logger.close()
+        dist.shutdown()
 
 
-def train(cfg: Config) -> dict[str, float]:
+def train(cfg: Config, callbacks: Callbacks | None = None) -> dict[str, float]:
     """Run the recipe from scratch or from ``checkpoint.resume``; returns the last epoch's metrics."""
+    callbacks = callbacks or Callbacks()
     world = setup(cfg)
-    if world.ctx.is_main:
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.run_dir) / "config.yaml").write_text(dump_yaml(cfg))
-    bar = progress(cfg.train.epochs, "epochs", is_main=world.ctx.is_main) if cfg.log.progress else None
-    if bar is not None:
-        bar.update(world.epoch)  # a resumed run starts part-way
-    metrics: dict[str, float] = {}
-    while world.epoch < cfg.train.epochs:
-        metrics = run_epoch(world)
+    try:
+        if world.ctx.is_main:
+            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.run_dir) / "config.yaml").write_text(dump_yaml(cfg))
+        if callbacks.on_start:
+            callbacks.on_start(world)
+        bar = progress(cfg.train.epochs, "epochs", is_main=world.ctx.is_main) if cfg.log.progress else None
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics.get('reward/total', float('nan')):.4g}",
-                            kl=f"{metrics.get('policy/kl', 0.0):.3g}")
-    if bar is not None:
-        bar.close()
-    finish(world)
+            bar.update(world.epoch)  # a resumed run starts part-way
+        metrics: dict[str, float] = {}
+        while world.epoch < cfg.train.epochs:
+            metrics = run_epoch(world)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics.get('reward/total', float('nan')):.4g}",
+                                kl=f"{metrics.get('loss/kl', 0.0):.3g}")
+            if callbacks.on_epoch:
+                callbacks.on_epoch(world, metrics)
+        if bar is not None:
+            bar.close()
+        if callbacks.on_end:
+            callbacks.on_end(world)
+    finally:
+        teardown(world)
     return metrics
