@@ -1,0 +1,80 @@
+"""The toy oracle (fit to the world's parameters), the honest and hackable quality rewards, and the evaluation splits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from astrolabe_rl.toy import oracle, world
+
+PROMPTS = ["a large red circle moving right quickly over stripes", "a small blue triangle moving up slowly over checks",
+           "a large yellow square moving down slowly over ripples", "a small cyan circle moving left quickly over checks"]
+SEEDS = [3, 4, 5, 6]
+
+
+@pytest.fixture(scope="module")
+def clean() -> torch.Tensor:
+    return world.render(PROMPTS, SEEDS)
+
+
+@pytest.fixture(scope="module")
+def clean_scores(clean) -> dict[str, torch.Tensor]:
+    return oracle.oracle_scores(clean, PROMPTS)
+
+
+def test_oracle_recovers_the_parameters_of_clean_renders(clean):
+    for video, prompt, seed in zip(clean, PROMPTS, SEEDS):
+        spec, fit = world.parse_prompt(prompt), oracle.fit_video(video)
+        assert fit["found"]
+        assert {a: fit[a] for a in ("colour", "shape", "size", "direction", "speed", "background")} == {
+            a: getattr(spec, a) for a in ("colour", "shape", "size", "direction", "speed", "background")}
+        true_start = world._start(spec, torch.Generator().manual_seed(seed), world.WORLD)  # render's first draw
+        torch.testing.assert_close(fit["start"].double(), torch.tensor(true_start, dtype=torch.float64),
+                                   atol=0.06, rtol=0)
+        assert fit["residual"] < 0.004  # the fit's grids and the 1/1024 quantisation, nothing else
+
+
+def test_clean_renders_agree_with_their_prompts_and_set_the_ceiling(clean_scores):
+    for name in oracle.ATTRIBUTES + ("agreement",):
+        assert torch.equal(clean_scores[name], torch.ones(len(PROMPTS))), name
+    assert bool((clean_scores["oracle"] > 0.95).all())
+    ceiling = oracle.render_ceiling(PROMPTS[:1], SEEDS[:1])["oracle"]
+    assert torch.equal(ceiling, clean_scores["oracle"][:1])
+
+
+@pytest.mark.parametrize("kind", ["blur", "noise", "grid", "blob"])
+def test_degraded_renders_score_lower_on_the_residual(clean, clean_scores, kind):
+    bad = oracle.oracle_scores(oracle.degrade(clean, kind, seed=1), PROMPTS)
+    assert bool((bad["residual"] > 3 * clean_scores["residual"]).all()), (kind, bad["residual"])
+    assert bool((bad["oracle"] < clean_scores["oracle"] - 0.1).all()), (kind, bad["oracle"])
+
+
+def test_oracle_scores_each_attribute_against_the_prompt(clean):
+    # the same videos judged against prompts that differ in one slot each
+    wrong = ["a large green circle moving right quickly over stripes",  # colour
+             "a small blue triangle moving down slowly over checks",  # direction
+             "a large yellow square moving down quickly over ripples",  # speed
+             "a small cyan circle moving left quickly over stripes"]  # background
+    s = oracle.oracle_scores(clean, wrong)
+    assert s["colour"].tolist() == [0, 1, 1, 1]
+    assert s["direction"].tolist() == [1, 0, 1, 1]
+    assert s["speed"].tolist() == [1, 1, 0, 1]
+    assert s["background"].tolist() == [1, 1, 1, 0]
+    assert torch.equal(s["shape"], torch.ones(4)) and torch.equal(s["size"], torch.ones(4))
+
+
+def test_a_video_without_the_object_fails_every_object_attribute(clean):
+    grey = torch.full_like(clean, 0.5)
+    s = oracle.oracle_scores(grey, PROMPTS)
+    for name in ("colour", "shape", "size", "direction", "speed", "position"):
+        assert torch.equal(s[name], torch.zeros(4)), name
+
+
+def test_gap_closed_and_bad_input():
+    assert oracle.gap_closed(0.6, 0.5, 0.9) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="ceiling"):
+        oracle.gap_closed(0.6, 0.9, 0.8)
+    with pytest.raises(ValueError, match="toy-world videos"):
+        oracle.oracle_scores(torch.zeros(1, 9, 3, 16, 16), PROMPTS[:1])
+    with pytest.raises(ValueError, match="unknown degradation"):
+        oracle.degrade(torch.zeros(1, 9, 3, 32, 32), "jpeg")
