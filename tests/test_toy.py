@@ -100,9 +100,9 @@ def _blur(v: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.conv2d(x, torch.ones(c, 1, 3, 3) / 9, groups=c).view_as(v)
 
 
-def test_quality_prefers_sharp_and_is_fooled_by_noise(clean):
+def test_hackable_quality_prefers_sharp_and_is_fooled_by_noise(clean):
     noisy = (clean + 0.05 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
-    q_clean, q_blur, q_noisy = (R.quality(v, PROMPTS) for v in (clean, _blur(clean), noisy))
+    q_clean, q_blur, q_noisy = (R.quality_hackable(v, PROMPTS) for v in (clean, _blur(clean), noisy))
     assert (q_clean > q_blur).all()
     assert (q_noisy > q_clean).all(), "the hackable reward should be fooled by noise"
     n_clean, n_noisy = R.noise_level(clean, PROMPTS), R.noise_level(noisy, PROMPTS)
@@ -132,7 +132,7 @@ def test_text_alignment_prefers_the_prompted_colour_and_shape(clean):
 
 
 def test_toy_rewards_are_registered():
-    assert {"toy_quality", "toy_motion", "toy_text", "toy_noise"} <= set(available_rewards())
+    assert {"toy_quality", "toy_quality_hackable", "toy_motion", "toy_text", "toy_noise"} <= set(available_rewards())
     assert build_reward("toy_noise").monitor and not build_reward("toy_quality").monitor
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from astrolabe_rl.rewards.base import build_reward
 from astrolabe_rl.toy import oracle, world
+from astrolabe_rl.toy import rewards as R
 
 PROMPTS = ["a large red circle moving right quickly over stripes", "a small blue triangle moving up slowly over checks",
            "a large yellow square moving down slowly over ripples", "a small cyan circle moving left quickly over checks"]
@@ -78,3 +80,26 @@ def test_gap_closed_and_bad_input():
         oracle.oracle_scores(torch.zeros(1, 9, 3, 16, 16), PROMPTS[:1])
     with pytest.raises(ValueError, match="unknown degradation"):
         oracle.degrade(torch.zeros(1, 9, 3, 32, 32), "jpeg")
+
+
+# ------------------------------------------------------------------------------------------------ quality rewards
+
+
+def test_honest_quality_ranks_the_renders_above_blurred_noised_and_gridded_ones(clean):
+    q = R.quality(clean, PROMPTS)
+    assert bool((q > 0.6).all())
+    for kind in ("blur", "noise", "grid"):
+        for strength in (0.5, 1.0):
+            worse = R.quality(oracle.degrade(clean, kind, seed=2, strength=strength), PROMPTS)
+            assert bool((worse < q).all()), (kind, strength, worse, q)
+    # the hackable proxy, by contrast, prefers the noised and gridded copies (its ceiling is not the renders)
+    for kind in ("noise", "grid"):
+        assert bool((R.quality_hackable(oracle.degrade(clean, kind, seed=2), PROMPTS)
+                     > R.quality_hackable(clean, PROMPTS)).all()), kind
+    assert torch.equal(build_reward("toy_quality").fn(clean, PROMPTS), q)
+    assert torch.equal(build_reward("toy_quality_hackable").fn(clean, PROMPTS), R.quality_hackable(clean, PROMPTS))
+
+
+def test_honest_quality_is_zero_without_an_object():
+    grey = torch.full((2, world.WORLD.frames, 3, world.WORLD.size, world.WORLD.size), 0.5)
+    assert torch.equal(R.quality(grey, PROMPTS[:2]), torch.zeros(2))

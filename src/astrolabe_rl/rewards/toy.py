@@ -1,5 +1,6 @@
-"""The toy world's rewards in the registry: ``toy_quality``, ``toy_motion``, ``toy_text`` and the ``toy_noise``
-monitor (definitions and rationale in `astrolabe_rl.toy.rewards`)."""
+"""The toy world's rewards in the registry: ``toy_quality`` (honest: the world's renders are its ceiling),
+``toy_quality_hackable`` (fooled by noise, for the hacking benchmarks), ``toy_motion``, ``toy_text`` and the
+``toy_noise`` monitor of the hack (definitions and rationale in `astrolabe_rl.toy.rewards`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ def _wrap(name: str, fn: Callable[[Tensor, list[str]], Tensor], monitor: bool) -
 @register_reward("toy_quality")
 def _quality(monitor: bool = False) -> Reward:
     return _wrap("toy_quality", toy.quality, monitor)
+
+
+@register_reward("toy_quality_hackable")
+def _quality_hackable(monitor: bool = False) -> Reward:
+    return _wrap("toy_quality_hackable", toy.quality_hackable, monitor)
 
 
 @register_reward("toy_motion")

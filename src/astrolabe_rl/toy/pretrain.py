@@ -141,12 +141,15 @@ def validation_loss(model: CausalWan, encoder: ToyTextEncoder, grid: tuple[float
 def pretrain(
     steps: int, batch: int, lr: float, warmup: int, weight_decay: float, ema: float, seed: int, caption_noise: float,
     out: Path, log_every: int = 50, save_every: int = 100, bidirectional: bool = False, init: Path | None = None,
+    mean_target: bool = True,
 ) -> dict:
     """Train from scratch (or from the weights file ``init``) and write ``out`` (+ ``out.json`` with the recipe and
     results). Returns the record.
 
     ``bidirectional``: the distillation teacher (`toy.distill`): one σ per clip and one attention block spanning it
     (every frame sees every other), instead of one σ per 3-frame block under the block-causal teacher-forcing mask.
+    ``mean_target``: the first block's σ = 1 target is ε − E[x0 | caption] (`prompt_mean`: 64 renders per caption
+    on its first use, worth it over thousands of steps, not in a short fine-tune); off, it is the sample's ε − x0.
 
     Every ``save_every`` steps the full state (weights, EMA, optimiser, schedule, data/noise generator, curve) goes
     to ``out.with_suffix(".state.pt")``; a run started with the same arguments resumes from it bit-exactly, so an
@@ -170,7 +173,7 @@ def pretrain(
         raise ValueError(f"caption_noise is a probability; got {caption_noise}")
     run = {"step": 0, "running": None, "history": [], "wall": 0.0, "cpu": 0.0,
            "args": [steps, batch, lr, warmup, weight_decay, ema, seed, caption_noise, bidirectional,
-                    None if init is None else str(init)]}
+                    None if init is None else str(init), mean_target]}
     state_file = out.with_suffix(".state.pt")
     if state_file.is_file():
         run = _resume(state_file, run, model, shadow, opt, sched, g)
@@ -180,7 +183,7 @@ def pretrain(
         blocks = 1 if bidirectional else x0.shape[1] // family.sampler.frames_per_block
         sig = sample_sigmas(batch, blocks, grid, shift, g)
         loss = flow_loss(model, x0, encoder([prompts[i] for i in picks]), sig, torch.randn(x0.shape, generator=g),
-                         torch.stack([prompt_mean(prompts[i], caption_noise) for i in picks]))
+                         torch.stack([prompt_mean(prompts[i], caption_noise) for i in picks]) if mean_target else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -208,7 +211,8 @@ def pretrain(
         "init": None if init is None else Path(init).name,
         "sigma_sampling": ("per clip" if bidirectional else "per 3-frame block")
         + ": 1/2 sampler grid, 1/2 shift5(U(0,1))",
-        "first_block_sigma1_target": "eps - E[x0 | caption] (64-sample mean over seeds and caption errors)",
+        "first_block_sigma1_target": "eps - E[x0 | caption] (64-sample mean over seeds and caption errors)"
+        if mean_target else "eps - x0 (the sample's own)",
         "final_train_loss_smoothed": round(run["running"], 5),
         # measured on the saved float16 EMA weights, so a loaded model reproduces it
         "val_loss": round(validation_loss(load_toy_model(out), encoder, grid, shift, bidirectional), 5),

@@ -4,16 +4,22 @@ that exposes the hack.
 Every function maps videos ``[B, T, 3, H, W]`` in [0, 1] (H = W = 32, the world's size) and grammar prompts to
 ``[B]`` float32, higher is better, in [0, 1]:
 
-| reward        | axis            | measures                                                                         |
-|---------------|-----------------|----------------------------------------------------------------------------------|
-| toy_quality   | visual quality  | edge sharpness: variance of the luma Laplacian, S/(S + S₀). **Hackable**: noise  |
-|               |                 | raises it as much as crisp edges do, like a learned aesthetic score's blind spot |
-| toy_motion    | motion quality  | the object's per-frame centroid steps against the prompt's velocity (direction   |
-|               |                 | and speed); jitter and frames where the object vanishes cost as well             |
-| toy_text      | text alignment  | ½·colour match (mean object colour vs the prompt's) + ½·shape match (softmax    |
-|               |                 | over the IoUs of every shape × size template at the object's centroid)          |
-| toy_noise     | hack monitor    | robust pixel-noise estimate on the background (median |Laplacian|); the world's  |
-|               |                 | own renders score ≈ 0.01; a model that buys sharpness with noise drives it up    |
+| reward              | axis            | measures                                                                   |
+|---------------------|-----------------|----------------------------------------------------------------------------|
+| toy_quality         | visual quality  | crisp object outline on a clean background: the outline sharpness E (the   |
+|                     |                 | gradient-weighted mean |∇mask|, 1 for the world's 1-px edges) times        |
+|                     |                 | exp(−max(0, ρ − ρ₀)/ρ_tol), ρ the background's mean |Laplacian| (all      |
+|                     |                 | channels); the world's renders rank above blurred, noised or gridded ones  |
+| toy_quality_hackable| visual quality  | edge sharpness: variance of the luma Laplacian, S/(S + S₀). **Hackable**:  |
+|                     | (hack bench)    | noise raises it as much as crisp edges do, like a learned aesthetic       |
+|                     |                 | score's blind spot; the world's renders score *below* the blurry base      |
+| toy_motion          | motion quality  | the object's per-frame centroid steps against the prompt's velocity        |
+|                     |                 | (direction and speed); jitter and frames where the object vanishes cost    |
+| toy_text            | text alignment  | ½·colour match (mean object colour vs the prompt's) + ½·shape match        |
+|                     |                 | (softmax over the IoUs of every shape × size template at the centroid)     |
+| toy_noise           | hack monitor    | robust pixel-noise estimate on the background (median |Laplacian|); the    |
+|                     |                 | world's own renders score ≈ 0.01; a model that buys sharpness with noise   |
+|                     |                 | drives it up                                                               |
 
 The object is found the way the world is built: it is the only saturated thing in the frame (the background is
 grey with a faint tint), so a soft chroma threshold is its mask.
@@ -31,6 +37,8 @@ from astrolabe_rl.rewards import pixel
 from astrolabe_rl.toy.world import SHAPES, SIZES, WORLD, parse_prompt, shape_alpha
 
 SHARPNESS_REF = 0.001  # S₀: about the median Laplacian variance of the world's own renders (quality ≈ ½ there)
+ROUGHNESS_REF = 0.015  # ρ₀: above the background roughness of the world's renders (≈ 0.01), so they pay nothing
+ROUGHNESS_TOL = 0.01  # ρ_tol: a grid of ±0.04 seams (ρ ≈ 0.03) costs about e^-1.5, noise of std 0.03 all
 CHROMA_LO, CHROMA_HI = 0.20, 0.45  # mask ramp: background chroma ≤ 0.06, object colours ≥ 0.58
 COLOUR_TOL = 0.2  # RGB distance scale of the colour match
 MOTION_TOL = 1.0  # pixels: a centroid step this far off the prompt's velocity scores e^(-1/2) per step
@@ -80,11 +88,53 @@ def _soft_iou(mask: Tensor, tmpl: Tensor) -> Tensor:
     return inter / torch.maximum(mask, tmpl).sum(dim=(-2, -1)).clamp_min(1e-6)
 
 
-def quality(videos: Tensor, prompts: list[str]) -> Tensor:
-    """Visual quality ``S / (S + S₀)`` of the sharpness S: ``[B]`` in [0, 1). Hackable by noise."""
+def quality_hackable(videos: Tensor, prompts: list[str]) -> Tensor:
+    """Visual quality ``S / (S + S₀)`` of the sharpness S: ``[B]`` in [0, 1). Hackable by noise (kept for the
+    hacking benchmarks, with the `noise_level` monitor)."""
     _check(videos, prompts)
     s = pixel.sharpness(videos)
     return s / (s + SHARPNESS_REF)
+
+
+def outline_sharpness(videos: Tensor) -> Tensor:
+    """How crisp the object's outline is: ``Σ|∇m|² / Σ|∇m|`` over the soft object mask m, ``[B]`` in [0, 1].
+
+    The gradient-weighted mean of the mask's gradient magnitude (forward differences): the world draws a
+    1-pixel soft edge, so its outline scores ≈ 1; a blur of width w spreads the step over w pixels and scores
+    ≈ 1/w; a video without an object scores 0. Colour-neutral noise and grids leave the chroma mask alone.
+    """
+    m = object_mask(videos)
+    gx = m[..., :-1, 1:] - m[..., :-1, :-1]
+    gy = m[..., 1:, :-1] - m[..., :-1, :-1]
+    g = torch.sqrt(gx.square() + gy.square())
+    return ((g.square().sum(dim=(1, 2, 3)) / g.sum(dim=(1, 2, 3)).clamp_min(1e-6))).clamp(0, 1)
+
+
+def background_roughness(videos: Tensor) -> Tensor:
+    """Mean |4-neighbour Laplacian| over every channel of the background (pixels ≥ 2 px from the object): ``[B]``.
+
+    Unlike the `noise_level` monitor (a median, blind to sparse patterns) a mean counts a token grid's seams as
+    well as i.i.d. noise; the world's smooth textures score ≈ 0.01.
+    """
+    v = videos.float()
+    b, t, c, h, w = v.shape
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=v.device)
+    lap = F.conv2d(v.reshape(b * t * c, 1, h, w), kernel.view(1, 1, 3, 3)).view(b, t, c, h - 2, w - 2).abs()
+    near = F.max_pool2d(object_mask(v).flatten(0, 1)[:, None], 5, stride=1, padding=2).view(b, t, h, w)
+    background = (near[..., 1:-1, 1:-1] < 0.05)[:, :, None].expand_as(lap).float()
+    return (lap * background).sum(dim=(1, 2, 3, 4)) / background.sum(dim=(1, 2, 3, 4)).clamp_min(1.0)
+
+
+def quality(videos: Tensor, prompts: list[str]) -> Tensor:
+    """Visual quality with the world's renders as its ceiling: ``E · exp(−max(0, ρ − ρ₀) / ρ_tol)``, ``[B]`` in [0, 1].
+
+    E = `outline_sharpness` (blur lowers it), ρ = `background_roughness` (noise and grid seams raise it above
+    the renders' ρ₀). Neither can be bought with the other: noise does not sharpen the chroma outline, and a
+    smooth background cannot make up for a blurred object.
+    """
+    _check(videos, prompts)
+    excess = (background_roughness(videos) - ROUGHNESS_REF).clamp_min(0)
+    return outline_sharpness(videos) * torch.exp(-excess / ROUGHNESS_TOL)
 
 
 def noise_level(videos: Tensor, prompts: list[str]) -> Tensor:
