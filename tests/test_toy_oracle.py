@@ -103,3 +103,41 @@ def test_honest_quality_ranks_the_renders_above_blurred_noised_and_gridded_ones(
 def test_honest_quality_is_zero_without_an_object():
     grey = torch.full((2, world.WORLD.frames, 3, world.WORLD.size, world.WORLD.size), 0.5)
     assert torch.equal(R.quality(grey, PROMPTS[:2]), torch.zeros(2))
+
+
+# ------------------------------------------------------------------------------------------------ splits
+
+
+def test_dev_and_test_halve_the_held_out_split_by_pair():
+    dev, test, held = (set(world.split(n)) for n in ("dev", "test", "held_out"))
+    assert dev | test == held and not dev & test and len(dev) == len(test) == len(held) // 2
+    pairs = lambda prompts: {(s.colour, s.shape) for s in map(world.parse_prompt, prompts)}  # noqa: E731
+    assert pairs(dev) == set(world.DEV_PAIRS) and pairs(test) == set(world.TEST_PAIRS)
+    assert not pairs(dev) & pairs(test)
+    with pytest.raises(ValueError, match="unknown split"):
+        world.split("val")
+    with pytest.raises(ValueError, match="evaluation sets come from"):
+        world.eval_prompts(8, "train")
+
+
+@pytest.mark.parametrize("split", ["held_out", "dev", "test"])
+@pytest.mark.parametrize("n", [4, 8, 12, 16, 24])
+def test_evaluation_sets_are_balanced_in_direction_and_speed(split, n):
+    prompts = world.eval_prompts(n, split)
+    assert len(set(prompts)) == n and set(prompts) <= set(world.split(split))
+    specs = [world.parse_prompt(p) for p in prompts]
+    for counts, groups in (([sum(s.direction == d for s in specs) for d in world.DIRECTIONS], 4),
+                           ([sum(s.speed == v for s in specs) for v in world.SPEEDS], 2),
+                           ([sum((s.direction, s.speed) == (d, v) for s in specs)
+                             for d in world.DIRECTIONS for v in world.SPEEDS], 8)):
+        assert max(counts) - min(counts) <= 1 and sum(counts) == n, (counts, groups)
+    if n % 8 == 0:
+        pair_counts = [sum((s.colour, s.shape) == pair for s in specs) for pair in {(s.colour, s.shape) for s in specs}]
+        assert max(pair_counts) == min(pair_counts)
+
+
+def test_an_evaluation_set_can_be_the_whole_split():
+    for split in ("dev", "test"):
+        assert sorted(world.eval_prompts(len(world.split(split)), split)) == sorted(world.split(split))
+    with pytest.raises(ValueError, match="n must be in"):
+        world.eval_prompts(97, "test")

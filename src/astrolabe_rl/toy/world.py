@@ -20,7 +20,9 @@ Frames are quantised to the dyadic grid ``k / 1024``: the toy VAE's affine map i
 rendered set is exactly representable (``decode(encode(x)) == x``).
 
 Splits: the held-out split is every prompt whose (colour, shape) pair is in `HELD_OUT_PAIRS`; each word still
-occurs in training, so held-out prompts test composition, not vocabulary.
+occurs in training, so held-out prompts test composition, not vocabulary. Its pairs are halved into a dev split
+(tuning) and a test split (reporting, never tuned on); `eval_prompts` draws evaluation sets balanced in direction
+and speed from any of the three.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ SPEEDS: dict[str, float] = {"slowly": 1.0, "quickly": 2.0}  # pixels per frame
 BACKGROUNDS: tuple[str, ...] = ("stripes", "checks", "ripples")
 HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (("red", "triangle"), ("green", "circle"), ("blue", "square"),
                                                ("yellow", "triangle"))
+DEV_PAIRS = HELD_OUT_PAIRS[0::2]  # held-out pairs for tuning: red triangle, blue square
+TEST_PAIRS = HELD_OUT_PAIRS[1::2]  # held-out pairs for reporting, never tuned on: green circle, yellow triangle
+SPLITS = ("train", "held_out", "dev", "test")
+_EVAL_SPLITS = SPLITS[1:]
 TEMPLATE = "a {size} {colour} {shape} moving {direction} {speed} over {background}"
 PROMPT_WORDS = 9
 JITTER_ALONG, JITTER_ACROSS = 1.0, 1.5  # start-position jitter (pixels) along and across the motion
@@ -125,21 +131,52 @@ def all_specs() -> list[Spec]:
 
 
 def split(name: str) -> list[str]:
-    """``"train"`` (672 prompts) or ``"held_out"`` (192: the colour-shape pairs of `HELD_OUT_PAIRS`)."""
-    if name not in ("train", "held_out"):
-        raise ValueError(f"unknown split {name!r}; use 'train' or 'held_out'")
-    held = set(HELD_OUT_PAIRS)
-    return [s.prompt for s in all_specs() if ((s.colour, s.shape) in held) == (name == "held_out")]
+    """The prompts of a split, in `all_specs` order.
+
+    ``"train"`` (672 prompts), ``"held_out"`` (192: the colour-shape pairs of `HELD_OUT_PAIRS`), and the held-out
+    split's two halves by pair: ``"dev"`` (`DEV_PAIRS`, 96 prompts, for tuning) and ``"test"`` (`TEST_PAIRS`, 96,
+    reported and never tuned on).
+    """
+    if name not in SPLITS:
+        raise ValueError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
+    pairs = set(_split_pairs(name) if name != "train" else HELD_OUT_PAIRS)
+    return [s.prompt for s in all_specs() if ((s.colour, s.shape) in pairs) == (name != "train")]
 
 
-def eval_prompts(n: int = 12) -> list[str]:
-    """A fixed, balanced subset of the held-out split: ``n`` prompts spread evenly over it."""
-    held = split("held_out")
-    if not 1 <= n <= len(held):
-        raise ValueError(f"n must be in [1, {len(held)}]; got {n}")
-    stride = len(held) / n
-    # an odd offset walks through every slot's values instead of repeating the first directions
-    return [held[(int(i * stride) + 7 * i) % len(held)] for i in range(n)]
+def _split_pairs(name: str) -> tuple[tuple[str, str], ...]:
+    return {"held_out": HELD_OUT_PAIRS, "dev": DEV_PAIRS, "test": TEST_PAIRS}[name]
+
+
+# the eight (direction, speed) motions in an order whose every prefix of 4 holds each direction once and each speed
+# twice, so a set of 4·k prompts is balanced in direction, and of 8·k in direction × speed
+_MOTIONS = (("left", "slowly"), ("right", "quickly"), ("up", "slowly"), ("down", "quickly"),
+            ("left", "quickly"), ("right", "slowly"), ("up", "quickly"), ("down", "slowly"))
+
+
+def eval_prompts(n: int = 12, split: str = "held_out") -> list[str]:
+    """A fixed evaluation set of ``n`` prompts from ``split`` (held_out, dev or test), balanced in motion.
+
+    Prompt i has the motion ``_MOTIONS[i % 8]``: every (direction, speed) occurs ⌊n/8⌋ or ⌈n/8⌉ times, every
+    direction ⌊n/4⌋ or ⌈n/4⌉ times. Within a motion, the k-th prompt cycles through the split's colour-shape pairs
+    and the backgrounds together (k mod lcm), the size alternating between cycles, each motion starting at another
+    offset, so the pairs, sizes and backgrounds are near balanced too and no prompt repeats.
+    """
+    if split not in _EVAL_SPLITS:
+        raise ValueError(f"evaluation sets come from {', '.join(_EVAL_SPLITS)}; got {split!r}")
+    pairs, sizes = _split_pairs(split), list(SIZES)
+    cycle = math.lcm(len(pairs), len(BACKGROUNDS))
+    size_of_split = len(_MOTIONS) * cycle * len(sizes)
+    if not 1 <= n <= size_of_split:
+        raise ValueError(f"n must be in [1, {size_of_split}] for the {split} split; got {n}")
+    out = []
+    for i in range(n):
+        c, k = i % len(_MOTIONS), i // len(_MOTIONS)
+        j = k + c
+        colour, shape = pairs[j % len(pairs)]
+        direction, speed = _MOTIONS[c]
+        size = sizes[(j // cycle + c) % len(sizes)]
+        out.append(Spec(size, colour, shape, direction, speed, BACKGROUNDS[j % len(BACKGROUNDS)]).prompt)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- render
