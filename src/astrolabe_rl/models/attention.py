@@ -5,8 +5,9 @@ built at frame granularity (`[Fq, Fk]`, tiny) from a small spec and expanded onl
 
 * CPU / no mask needed: `torch.nn.functional.scaled_dot_product_attention` (a dense boolean mask on CPU);
 * GPU with a mask: flex attention with a block mask whose `mask_mod` looks the frame mask up;
-* GPU without a mask (cached `denoise` / `commit` calls, cross-attention): SDPA, which dispatches to the
-  flash / cuDNN kernels.
+* GPU without a mask (cached `denoise` / `commit` calls, cross-attention): the fastest correct kernel present,
+  chosen once and logged (`choose_cuda_kernel`): on Hopper FlashAttention-3 when installed, else cuDNN attention
+  through SDPA, else FlashAttention-2 through SDPA; on Ampere/Ada SDPA's FlashAttention-2.
 
 Visibility rule (`reference/ar_models.md` §2.2, §3.3): a query in a block that ends at frame ``e`` sees a key frame
 ``f`` iff ``f < e`` and, with a local window of ``W`` frames and ``S`` sink frames, ``f`` is a sink frame or
@@ -17,6 +18,7 @@ its own start plus the noisy frames of its own block; clean frames follow the bl
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,6 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 Backend = Literal["auto", "sdpa", "flex"]
+CudaKernel = Literal["fa3", "cudnn", "flash", "efficient"]
+
+log = logging.getLogger(__name__)
 
 
 def block_bounds(
@@ -177,15 +182,76 @@ _compiled_flex = None
 
 
 def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
-    """Flex attention, compiled once on CUDA (the eager version materialises the full score matrix)."""
+    """Flex attention, compiled once on CUDA with autotuned tiles (the eager version materialises the full score
+    matrix). CUDA graphs stay off: the training pass runs one call per layer with differing activations."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
     if q.is_cuda:
         if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+            _compiled_flex = torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
         return _compiled_flex(q, k, v, block_mask=block_mask)
     return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def choose_cuda_kernel(capability: tuple[int, int], has_fa3: bool, has_cudnn: bool) -> CudaKernel:
+    """The unmasked attention kernel for a GPU of compute ``capability``.
+
+    Hopper (9.x): FlashAttention-3 (its Hopper kernels, ``flash_attn_interface``) when installed, else cuDNN's
+    fused attention (SDPA's cuDNN backend; on H100/H200 it outruns FlashAttention-2), else FlashAttention-2.
+    Ampere/Ada (8.x): FlashAttention-2. Older: the memory-efficient kernel.
+    """
+    if capability >= (9, 0) and capability < (10, 0):
+        if has_fa3:
+            return "fa3"
+        if has_cudnn:
+            return "cudnn"
+    return "flash" if capability >= (8, 0) else "efficient"
+
+
+_CUDA_KERNELS: dict[int, CudaKernel] = {}  # chosen kernel per device index: a plain dict, read as a constant
+# by torch.compile (an lru_cache'd call would break the graph at every layer)
+
+
+def cuda_kernel(device_index: int) -> CudaKernel:
+    """`choose_cuda_kernel` for this device, decided once per process and logged, so a run says which kernel it
+    used. `CausalWan.compile_blocks` calls it before compiling, outside the traced code."""
+    if device_index in _CUDA_KERNELS:
+        return _CUDA_KERNELS[device_index]
+    try:
+        import flash_attn_interface  # noqa: F401  (FlashAttention-3's Hopper build)
+
+        has_fa3 = True
+    except ImportError:
+        has_fa3 = False
+    from torch.nn.attention import SDPBackend
+
+    has_cudnn = hasattr(SDPBackend, "CUDNN_ATTENTION") and torch.backends.cudnn.is_available()
+    kernel = choose_cuda_kernel(torch.cuda.get_device_capability(device_index), has_fa3, has_cudnn)
+    log.info("unmasked attention on %s: %s", torch.cuda.get_device_name(device_index), kernel)
+    _CUDA_KERNELS[device_index] = kernel
+    return kernel
+
+
+def _sdpa_cuda(q: Tensor, k: Tensor, v: Tensor, kernel: CudaKernel) -> Tensor:
+    """Unmasked attention on CUDA, ``[B, H, L, D]`` in and out, through ``kernel`` (SDPA falls back down the list
+    when a kernel rejects the inputs, e.g. fp32)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if kernel == "fa3" and q.dtype in (torch.float16, torch.bfloat16):
+        from flash_attn_interface import flash_attn_func
+
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out[0] if isinstance(out, tuple) else out  # some releases also return the log-sum-exp
+        return out.transpose(1, 2)
+    order = {
+        "cudnn": ["CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"],
+        "fa3": ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"],
+        "flash": ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"],
+        "efficient": ["EFFICIENT_ATTENTION", "MATH"],
+    }[kernel]
+    with sdpa_kernel([getattr(SDPBackend, b) for b in order], set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 def attention(
@@ -193,13 +259,17 @@ def attention(
 ) -> Tensor:
     """Multi-head attention, ``q [B, Lq, H, D]``, ``k, v [B, Lk, H, D]`` -> ``[B, Lq, H, D]``.
 
-    ``mask=None`` means every key is visible. ``backend="auto"`` picks flex attention for masked calls on CUDA and
-    SDPA everywhere else.
+    ``mask=None`` means every key is visible. ``backend="auto"`` picks flex attention for masked calls on CUDA,
+    the `choose_cuda_kernel` kernel for unmasked calls on CUDA, and SDPA everywhere else.
     """
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, L, D]
     if mask is not None and mask.all_visible:
         mask = None
     if backend == "auto":
+        if q.is_cuda and mask is None:
+            index = q.device.index or 0
+            kernel = _CUDA_KERNELS[index] if index in _CUDA_KERNELS else cuda_kernel(index)
+            return _sdpa_cuda(q, k, v, kernel).transpose(1, 2)
         backend = "flex" if (mask is not None and q.is_cuda) else "sdpa"
     if backend == "flex":
         if mask is None:

@@ -45,6 +45,8 @@ def sigma_of(t: float | Tensor) -> float | Tensor:
 
 def _broadcast_sigma(sigma: float | Tensor, like: Tensor) -> Tensor:
     """σ as float64 broadcastable to ``like`` ``[B, F, C, H, W]``: a scalar, ``[B]`` or per-frame ``[B, F]``."""
+    if isinstance(sigma, (int, float)):  # filled on the device: no host-to-device copy per sampler step
+        return torch.full((1,) * like.dim(), float(sigma), dtype=torch.float64, device=like.device)
     s = torch.as_tensor(sigma, dtype=torch.float64, device=like.device)
     while s.dim() < like.dim():
         s = s.unsqueeze(-1)

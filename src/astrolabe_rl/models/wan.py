@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Callable
+import contextlib
+import functools
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from astrolabe_rl.models.attention import (
     AttentionMask,
@@ -33,10 +35,13 @@ from astrolabe_rl.models.attention import (
     attention,
     block_bounds,
     cached_mask,
+    cuda_kernel,
 )
-from astrolabe_rl.models.kv_cache import CachePolicy, KVCache
+from astrolabe_rl.models.kv_cache import AppendPlan, CachePolicy, KVCache
 
 TextKV = list[tuple[Tensor, Tensor]]  # per layer: cross-attention (k, v), each [B, L, H, D]
+# One layer's source of keys: maps this call's (RoPE'd K, V) ``[B, L, H, D]`` to the (keys, values) to attend to.
+KVSource = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -163,18 +168,30 @@ class RopeTables:
     """3-axis RoPE angle tables (float64) and per-call cos/sin lookups cached by (frames, h, w, device, dtype).
 
     The head dimension ``d`` is split into complex pairs: ``d - 4·(d//6)`` real dims for time and ``2·(d//6)`` for
-    each of height and width. Temporal positions are *absolute* latent-frame indices.
+    each of height and width. Temporal positions are *absolute* latent-frame indices. The angles are computed on the
+    call's device from per-axis tables that live there, so a lookup never copies from the host (a host-to-device
+    copy per block would block CUDA-graph capture and stall the stream).
     """
 
     def __init__(self, head_dim: int, max_frames: int, theta: float) -> None:
         d_hw = 2 * (head_dim // 6)
-        d_t = head_dim - 2 * d_hw
-        self.inv_freq = [
-            1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim)
-            for dim in (d_t, d_hw, d_hw)
-        ]
+        self.dims = (head_dim - 2 * d_hw, d_hw, d_hw)
+        self.theta = theta
         self.max_frames = max_frames
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._axes: dict[torch.device, Tensor] = {}
+
+    def _time_angles(self, device: torch.device) -> Tensor:
+        """Temporal angles of every supported frame ``[max_frames, d_t/2]`` (float64), built once per device."""
+        if device not in self._axes:
+            dim = self.dims[0]
+            inv = 1.0 / self.theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+            self._axes[device] = torch.arange(self.max_frames, dtype=torch.float64, device=device)[:, None] * inv
+        return self._axes[device]
+
+    def _axis(self, n: int, dim: int, device: torch.device) -> Tensor:
+        inv = 1.0 / self.theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+        return torch.arange(n, dtype=torch.float64, device=device)[:, None] * inv
 
     def __call__(
         self, frames: tuple[int, ...], h: int, w: int, device: torch.device, dtype: torch.dtype
@@ -189,10 +206,14 @@ class RopeTables:
         if key not in self._cache:
             if len(self._cache) > 64:  # bounded: positions repeat across blocks, steps and rollouts
                 self._cache.clear()
-            ft, fh, fw = self.inv_freq
-            at = torch.tensor(frames, dtype=torch.float64, device="cpu")[:, None] * ft  # [F, dt/2]
-            ah = torch.arange(h, dtype=torch.float64, device="cpu")[:, None] * fh
-            aw = torch.arange(w, dtype=torch.float64, device="cpu")[:, None] * fw
+            table = self._time_angles(device)
+            runs, lo = [], 0  # frames are runs of consecutive indices: slice them, no index tensor from the host
+            for i in range(1, len(frames) + 1):
+                if i == len(frames) or frames[i] != frames[i - 1] + 1:
+                    runs.append(table[frames[lo] : frames[i - 1] + 1])
+                    lo = i
+            at = torch.cat(runs) if len(runs) > 1 else runs[0]
+            ah, aw = self._axis(h, self.dims[1], device), self._axis(w, self.dims[2], device)
             n = len(frames)
             angles = torch.cat(
                 [
@@ -203,7 +224,7 @@ class RopeTables:
                 dim=-1,
             ).reshape(n * h * w, -1)
             table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-            self._cache[key] = (angles.cos().to(device, table_dtype), angles.sin().to(device, table_dtype))
+            self._cache[key] = (angles.cos().to(table_dtype), angles.sin().to(table_dtype))
         return self._cache[key]
 
 
@@ -232,18 +253,19 @@ class SelfAttention(nn.Module):
         self,
         x: Tensor,
         rope: tuple[Tensor, Tensor],
-        ctx: tuple[list[Tensor], list[Tensor]] | None,
+        kv: KVSource | None,
         mask: AttentionMask | None,
         backend: Backend,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns the output ``[B, L, C]`` and this call's RoPE'd K and raw V ``[B, L, H, D]`` (for commits)."""
+        """Returns the output ``[B, L, C]`` and this call's RoPE'd K and raw V ``[B, L, H, D]`` (for commits).
+
+        ``kv`` turns this call's K/V into what the queries attend to (cached context + them); None: just them.
+        """
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
         k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        keys, values = k, v
-        if ctx is not None and ctx[0]:
-            keys, values = torch.cat([*ctx[0], k], dim=1), torch.cat([*ctx[1], v], dim=1)
+        keys, values = (k, v) if kv is None else kv(k, v)
         out = attention(q, keys, values, mask, backend)
         return self.o(out.flatten(2)), k, v
 
@@ -293,7 +315,7 @@ class WanBlock(nn.Module):
         e0: Tensor,
         rope: tuple[Tensor, Tensor],
         text: tuple[Tensor, Tensor],
-        ctx: tuple[list[Tensor], list[Tensor]] | None,
+        kv: KVSource | None,
         mask: AttentionMask | None,
         backend: Backend,
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -304,7 +326,7 @@ class WanBlock(nn.Module):
             m[:, :, None] for m in (shift_a, scale_a, gate_a, shift_f, scale_f, gate_f)
         )
         h = modulate(layer_norm(x, self.norm1), shift_a, scale_a, n).type_as(x)
-        y, k, v = self.self_attn(h, rope, ctx, mask, backend)
+        y, k, v = self.self_attn(h, rope, kv, mask, backend)
         x = gate(x, y, gate_a, n)
         h = x if self.norm3 is None else layer_norm(x, self.norm3).type_as(x)
         x = x + self.cross_attn(h, text, backend)
@@ -330,6 +352,31 @@ class Head(nn.Module):
 # --------------------------------------------------------------------------------------------------- model
 
 
+_ATTENTION_OPS: set = {
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+    )
+    if hasattr(torch.ops.aten, name)
+}
+if hasattr(torch.ops, "higher_order") and hasattr(torch.ops.higher_order, "flex_attention"):
+    _ATTENTION_OPS.add(torch.ops.higher_order.flex_attention)
+
+
+def _save_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing policy: keep the attention kernels' outputs, recompute everything else (the matmuls
+    and element-wise work are cheap next to attention over thousands of tokens, their activations are not)."""
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+CheckpointMode = Literal["full", "selective"]
+
+
 class CausalWan(nn.Module):
     """The Wan2.1 DiT with block-causal masked, cached `denoise` and cached `commit` modes.
 
@@ -337,6 +384,8 @@ class CausalWan(nn.Module):
         attn_backend: "auto" (flex for masked calls on CUDA, SDPA otherwise), "sdpa" or "flex".
         gradient_checkpointing: recompute each block in backward (used by training; the cache is never written
             inside a grad-enabled call, so recomputation sees the same inputs).
+        checkpoint_mode: with checkpointing, ``"selective"`` (default) saves the attention outputs and recomputes the
+            rest; ``"full"`` recomputes the whole block (least memory).
     """
 
     def __init__(self, config: WanConfig) -> None:
@@ -353,7 +402,32 @@ class CausalWan(nn.Module):
         self.rope = RopeTables(cfg.head_dim, cfg.rope_max_frames, cfg.rope_theta)
         self.attn_backend: Backend = "auto"
         self.gradient_checkpointing = False
+        self.checkpoint_mode: CheckpointMode = "selective"
+        self.compiled: str = "off"
         self.init_weights()
+
+    def compile_blocks(self, enabled: bool | None = None, mode: str | None = None) -> str:
+        """``torch.compile`` every DiT block in place (parameter names unchanged) and return what was done.
+
+        ``enabled=None`` compiles on CUDA only (the default for training and sampling; CPU runs and tests stay
+        eager). ``mode``: a ``torch.compile`` mode; ``"reduce-overhead"`` adds CUDA graphs, which the cached
+        `denoise` calls allow (no host syncs, every pointer a Python int) but which hold one graph per key length.
+        """
+        if enabled is None:
+            enabled = self.device.type == "cuda"
+        if not enabled:
+            self.compiled = "off"
+        elif not hasattr(nn.Module, "compile"):
+            self.compiled = "off (torch too old)"
+        else:
+            # Key lengths grow block by block (the cache fills): allow enough variants before dynamo gives up.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            if self.device.type == "cuda":
+                cuda_kernel(self.device.index or 0)  # decide (and log) the attention kernel outside traced code
+            for block in self.blocks:
+                block.compile(mode=mode)
+            self.compiled = f"blocks ({mode or 'default'})"
+        return self.compiled
 
     # ---------------------------------------------------------------- construction
 
@@ -452,13 +526,14 @@ class CausalWan(nn.Module):
         t: Tensor,
         frames: tuple[int, ...],
         text: TextKV,
-        context: Callable[[int], tuple[list[Tensor], list[Tensor]]] | None = None,
+        kv: Callable[[int], KVSource] | None = None,
         mask: AttentionMask | None = None,
-        collect_kv: bool = False,
-    ) -> tuple[Tensor, TextKV]:
+        after_layer: Callable[[int, Tensor, Tensor], None] | None = None,
+    ) -> Tensor:
         """The network on a frame sequence ``x [B, N, C, H, W]`` with timesteps ``[B, N]`` at RoPE positions
-        ``frames``; ``context(layer)`` supplies cached K/V pieces. Returns the velocity ``[B, N, C, H, W]`` and,
-        when ``collect_kv``, every layer's new (RoPE'd K, V)."""
+        ``frames``; ``kv(layer)`` supplies each layer's key source (cached context). Returns the velocity
+        ``[B, N, C, H, W]``; ``after_layer(layer, k, v)`` receives every layer's new (RoPE'd K, V) as soon as that
+        layer has run (commits write them then, so no call holds every layer's K/V at once)."""
         b, n, _, hh, ww = x.shape
         if len(text) != len(self.blocks) or text[0][0].shape[0] != b:
             raise ValueError(
@@ -469,25 +544,32 @@ class CausalWan(nn.Module):
         tokens = self._patchify(x)
         e, e0 = self._time(t)
         rope = self.rope(frames, hh // ph, ww // pw, x.device, tokens.dtype)
-        new_kv: TextKV = []
         for i, block in enumerate(self.blocks):
-            ctx = context(i) if context is not None else None
-            args = (tokens, e0, rope, text[i], ctx, mask, self.attn_backend)
+            args = (tokens, e0, rope, text[i], kv(i) if kv is not None else None, mask, self.attn_backend)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens, k, v = checkpoint(block, *args, use_reentrant=False)
+                context_fn = (
+                    functools.partial(create_selective_checkpoint_contexts, _save_attention)
+                    if self.checkpoint_mode == "selective"
+                    else _no_context
+                )
+                tokens, k, v = checkpoint(block, *args, use_reentrant=False, context_fn=context_fn)
             else:
                 tokens, k, v = block(*args)
-            if collect_kv:
-                new_kv.append((k, v))
+            if after_layer is not None:
+                after_layer(i, k, v)
         out = self.head(tokens, e)
-        return self._unpatchify(out, n, hh, ww), new_kv
+        return self._unpatchify(out, n, hh, ww)
 
     def _text(self, text: Tensor | TextKV) -> TextKV:
         return self.encode_text(text) if isinstance(text, Tensor) else text
 
     @staticmethod
     def _timesteps(t: float | Tensor, b: int, f: int, device: torch.device) -> Tensor:
-        """Broadcast a scalar, ``[B]`` or ``[B, F]`` timestep to per-frame ``[B, F]`` float64."""
+        """Broadcast a scalar, ``[B]`` or ``[B, F]`` timestep to per-frame ``[B, F]`` float64.
+
+        A Python number is filled on the device (a kernel argument, not a host-to-device copy)."""
+        if isinstance(t, (int, float)):
+            return torch.full((b, f), float(t), dtype=torch.float64, device=device)
         t = torch.as_tensor(t, dtype=torch.float64, device=device)
         if t.dim() == 1:
             t = t[:, None]
@@ -515,9 +597,12 @@ class CausalWan(nn.Module):
             text: text embeddings ``[B, L, text_dim]`` or precomputed `encode_text` output.
             frames_per_block: latent frames per causal block (3; 1 for frame-wise models).
             first_block_frames: a different size for the first block (e.g. 1), or None.
-            clean: teacher-forcing context ``[B, F, C, H, W]``: the sequence becomes ``[clean ; noisy]`` (same RoPE
-                positions); noisy block i sees clean blocks < i and itself, exactly as `denoise` does against a cache
-                filled by `commit`. None: plain block-causal attention over ``x`` (the released training layout).
+            clean: teacher-forcing context ``[B, F, C, H, W]`` at the same RoPE positions: noisy block i sees clean
+                blocks < i and itself, exactly as `denoise` does against a cache filled by `commit`. The history is
+                clean and detached, as the cache's is: the clean stream (block-causal among clean frames only)
+                runs first without gradient and its per-layer K/V enter the noisy stream's attention as constants,
+                so the θ gradient is that of commit + denoise. None: plain block-causal attention over ``x`` (the
+                released training layout).
             t_clean: timestep of the clean half (the context timestep, 0).
             policy: local window + sink (None window = global attention).
         """
@@ -525,19 +610,25 @@ class CausalWan(nn.Module):
         bounds = block_bounds(f, frames_per_block, first_block_frames)
         layout = FrameLayout.of_blocks(bounds, sink_frames=policy.sink_frames)
         t = self._timesteps(t, b, f, x.device)
-        frames = layout.frame
-        if clean is not None:
-            if clean.shape != x.shape:
-                raise ValueError(f"clean context {tuple(clean.shape)} must match the noisy input {tuple(x.shape)}")
-            noisy = FrameLayout.of_blocks(bounds, noisy=True, sink_frames=policy.sink_frames)
-            layout = layout + noisy
-            x = torch.cat([clean, x], dim=1)
-            t = torch.cat([self._timesteps(t_clean, b, f, x.device), t], dim=1)
-            frames = frames + frames
         tpf = self.config.tokens_per_frame(*x.shape[-2:])
-        mask = cached_mask(layout, layout, policy.window_frames, policy.sink_frames, tpf)
-        v, _ = self._run(x, t, frames, self._text(text), mask=mask)
-        return v[:, -f:] if clean is not None else v
+        window, sink = policy.window_frames, policy.sink_frames
+        text = self._text(text)
+        if clean is None:
+            return self._run(x, t, layout.frame, text, mask=cached_mask(layout, layout, window, sink, tpf))
+        if clean.shape != x.shape:
+            raise ValueError(f"clean context {tuple(clean.shape)} must match the noisy input {tuple(x.shape)}")
+        history: list[tuple[Tensor, Tensor]] = []  # per layer: the clean stream's RoPE'd K and V
+        with torch.no_grad():  # the history is data, never trained through (as commits to the cache are not)
+            self._run(clean.to(self.dtype), self._timesteps(t_clean, b, f, x.device), layout.frame, text,
+                      mask=cached_mask(layout, layout, window, sink, tpf),
+                      after_layer=lambda layer, k, v: history.append((k, v)))
+        noisy = FrameLayout.of_blocks(bounds, noisy=True, sink_frames=sink)
+
+        def with_history(layer: int) -> KVSource:
+            return lambda k, v: (torch.cat([history[layer][0], k], dim=1), torch.cat([history[layer][1], v], dim=1))
+
+        return self._run(x, t, layout.frame, text, kv=with_history,
+                         mask=cached_mask(noisy, layout + noisy, window, sink, tpf))
 
     # ---------------------------------------------------------------- mode 2: denoise against the cache
 
@@ -547,7 +638,9 @@ class CausalWan(nn.Module):
     ) -> Tensor:
         """Velocity of one block ``x [B, f, C, H, W]`` attending to the cache plus itself (bidirectionally).
 
-        Pure with respect to ``cache``: it reads, never writes, so it may run with gradients and checkpointing.
+        Pure with respect to the committed frames: with gradients it reads the cache and writes nothing, so it may
+        run under autograd and checkpointing; without (sampling) each layer writes the block's K/V into the slots
+        the block will be committed to and attends to one contiguous stretch of the buffer (`KVCache` docstring).
         ``start_frame`` defaults to the cache's next frame; ``text`` defaults to the cache's prompt.
         """
         b, f = x.shape[:2]
@@ -555,14 +648,13 @@ class CausalWan(nn.Module):
         text_kv = cache.text if text is None else self._text(text)
         if text_kv is None:
             raise ValueError("no prompt: set cache.text = model.encode_text(embeds) or pass text=")
-        v, _ = self._run(
-            x,
-            self._timesteps(t, b, f, x.device),
-            tuple(range(start, start + f)),
-            text_kv,
-            context=lambda layer: cache.context(layer, f),
-        )
-        return v
+        plan = None if torch.is_grad_enabled() else cache.plan_append(f, start, check_order=False)
+        if plan is not None and plan.end is not None:
+            cache.borrow(plan)
+            kv = _in_place(cache, plan)
+        else:
+            kv = _concatenated(cache, f)
+        return self._run(x, self._timesteps(t, b, f, x.device), tuple(range(start, start + f)), text_kv, kv=kv)
 
     # ---------------------------------------------------------------- mode 3: commit clean frames
 
@@ -588,6 +680,7 @@ class CausalWan(nn.Module):
             raise ValueError("no prompt: set cache.text = model.encode_text(embeds) before committing")
         fpb = f if frames_per_block is None else frames_per_block
         bounds = block_bounds(f, fpb, first_block_frames, start_frame=start)
+        plan = cache.plan_append(f, start)
         mask = None
         if len(bounds) > 1:
             n_first = bounds[0][1] - bounds[0][0]
@@ -600,16 +693,59 @@ class CausalWan(nn.Module):
             keys = ctx_layout + q
             tpf = self.config.tokens_per_frame(*x0.shape[-2:])
             mask = cached_mask(q, keys, window, cache.sink_frames, tpf)
-            context = lambda layer: cache.context(layer, n_first)  # noqa: E731
+            kv, after = _concatenated(cache, n_first), functools.partial(_write, cache, plan)
+        elif plan.end is not None:  # one unmasked block: write it into its slots and attend in place
+            kv, after = _in_place(cache, plan), None
         else:
-            context = lambda layer: cache.context(layer, f)  # noqa: E731
-        _, new_kv = self._run(
+            kv, after = _concatenated(cache, f), functools.partial(_write, cache, plan)
+        self._run(
             x0.to(self.dtype),
             self._timesteps(t, b, f, x0.device),
             tuple(range(start, start + f)),
             cache.text,
-            context=context,
+            kv=kv,
             mask=mask,
-            collect_kv=True,
+            after_layer=after,
         )
-        cache.append(new_kv, start)
+        cache.finish_append(plan)
+
+
+# ------------------------------------------------------------------------------------------- key sources
+
+
+def _no_context() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """Full checkpointing: no selective policy."""
+    return contextlib.nullcontext(), contextlib.nullcontext()
+
+
+def _concatenated(cache: KVCache, n_new: int) -> Callable[[int], KVSource]:
+    """Keys = the cached context of a ``n_new``-frame block (time order) followed by the call's own K/V, in one
+    concatenation per layer; nothing is written (safe under autograd and for masked calls)."""
+
+    def source(layer: int) -> KVSource:
+        ks, vs = cache.context(layer, n_new)
+
+        def kv(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            return (torch.cat([*ks, k], dim=1), torch.cat([*vs, v], dim=1)) if ks else (k, v)
+
+        return kv
+
+    return source
+
+
+def _in_place(cache: KVCache, plan: AppendPlan) -> Callable[[int], KVSource]:
+    """Keys = one contiguous prefix of the layer's buffer after writing the call's K/V into the slots ``plan``
+    gives them (unmasked calls without gradients: the order of keys does not matter, each carries its RoPE)."""
+
+    def source(layer: int) -> KVSource:
+        def kv(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            cache.write(layer, k, v, plan)
+            return cache.k[layer][:, : plan.end], cache.v[layer][:, : plan.end]
+
+        return kv
+
+    return source
+
+
+def _write(cache: KVCache, plan: AppendPlan, layer: int, k: Tensor, v: Tensor) -> None:
+    cache.write(layer, k, v, plan)
