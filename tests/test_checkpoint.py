@@ -299,3 +299,70 @@ def test_saved_config_round_trips_into_the_compatibility_check(tmp_path):
     saved = load_checkpoint(path)["config"]
     check_resume_compatible(saved, CONFIG, ["train.lr", "train.betas", "train.sigmas"], force=False)
     assert config_hash(saved) == json.loads((path / "COMPLETE").read_text())["config_hash"]
+
+
+# ------------------------------------------------------------------------------------------------ export, run folder
+
+
+def test_export_files_are_listed_in_the_marker_and_not_loaded(tmp_path):
+    def export(folder):
+        (folder / "adapter_model.safetensors").write_bytes(b"weights")
+        (folder / "adapter_config.json").write_text("{}")
+
+    path = save_checkpoint(tmp_path, 3, _state(3), config=CONFIG, export=export)
+    marker = read_marker(path)
+    assert marker["exports"] == ["adapter_config.json", "adapter_model.safetensors"]
+    assert marker["files"]["adapter_model.safetensors"] == 7
+    assert set(load_checkpoint(path)) == {"adapters", "trainer", "rng", "config"}  # the export is not state
+    (path / "adapter_model.safetensors").write_bytes(b"torn")  # a damaged export makes the checkpoint incomplete
+    assert read_marker(path) is None and latest_checkpoint(tmp_path) is None
+
+
+def test_a_live_holder_locks_the_run_folder_until_it_dies(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom astrolabe_rl.train.checkpoint import RunDirLock\n"
+         f"lock = RunDirLock({str(tmp_path)!r}).acquire()\nprint('held', flush=True)\ntime.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "held"
+        with pytest.raises(ckpt.RunDirError, match=rf"in use by pid {child.pid} on \S+ since"):
+            ckpt.claim_run_dir(tmp_path, resume="auto", overwrite=False)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)  # no clean-up runs: the kernel drops the lock with the process
+        child.wait(timeout=30)
+    lock = ckpt.claim_run_dir(tmp_path, resume="auto", overwrite=False)
+    assert f"pid {os.getpid()} " in (tmp_path / ".lock").read_text()
+    with pytest.raises(ckpt.RunDirError, match="in use"):  # a second run in this process is refused as well
+        ckpt.RunDirLock(tmp_path).acquire()
+    lock.release()
+    ckpt.RunDirLock(tmp_path).acquire().release()
+
+
+def test_a_fresh_run_into_a_used_folder_fails_unless_it_resumes_or_overwrites(tmp_path):
+    run = tmp_path / "run"
+    ckpt.claim_run_dir(run, resume=None, overwrite=False).release()  # absent or empty (a stale .lock): fine
+    ckpt.claim_run_dir(run, resume=None, overwrite=False).release()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    save_checkpoint(run, 1, _state(1), config=CONFIG)
+    with pytest.raises(ckpt.RunDirError, match=r"already holds a run \(checkpoints, metrics.jsonl\).*--resume auto"
+                                               r".*--overwrite"):
+        ckpt.claim_run_dir(run, resume=None, overwrite=False)
+    ckpt.claim_run_dir(run, resume="auto", overwrite=False).release()
+    with pytest.raises(ckpt.RunDirError, match="contradict"):
+        ckpt.claim_run_dir(run, resume="auto", overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "metrics.jsonl"]  # nothing moved
+
+    lock = ckpt.claim_run_dir(run, resume=None, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]
+    (aside,) = tmp_path.glob("run.old-*")
+    assert (aside / "metrics.jsonl").read_text() == '{"step": 1}\n' and latest_checkpoint(aside) is not None
+    lock.release()
+    (run / "x").write_text("")
+    ckpt.claim_run_dir(run, resume=None, overwrite=True).release()  # a second overwrite in the same second
+    assert len(list(tmp_path.glob("run.old-*"))) == 2

@@ -86,10 +86,11 @@ def test_video_is_written_captioned_and_readable(tmp_path):
     assert path == tmp_path / "samples" / "step-000012" / "eval_prompt_03.mp4"
     frames, fps = read_mp4(path)
     reference, _ = read_mp4(plain)
-    assert frames.shape == (5, 3, 64, 48) and fps == 16.0
-    # the caption darkens and writes into the top rows only
-    assert (frames[:, :, :8] - reference[:, :, :8]).abs().mean() > 0.05
-    assert (frames[:, :, 40:] - reference[:, :, 40:]).abs().max() < 0.05
+    assert reference.shape == (5, 3, 64, 48) and fps == 16.0
+    # the caption is a band above the frame: the frame comes back whole below it (up to the codec)
+    band = frames.shape[2] - 64
+    assert band > 20 and frames.shape[3] >= 48 and frames[:, :, :band].max() > 0.9
+    assert (frames[:, :, band:, :48] - reference).abs().max() < 0.05
 
 
 def test_table_rows_are_appended_with_their_step(tmp_path):
@@ -160,3 +161,55 @@ def test_progress_bar_is_shown_on_the_main_rank_only():
         assert bar.total == 10 and bar.n == 3 and not bar.disable
     with progress(10, "train", is_main=False) as bar:
         assert bar.disable
+
+
+def test_rewind_keeps_each_step_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with RunLogger(tmp_path) as logger:
+        for step, epoch in ((1, 1), (2, 2), (2, 3), (3, 4)):  # epoch 3 did not step
+            logger.log({"reward/total": float(step), "train/epoch": float(epoch)}, step=step)
+            logger.log_table("rollouts", [{"prompt": "p", "epoch": epoch}], step=step)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "reward/to')  # the torn last line of a killed run
+    with RunLogger(tmp_path) as logger:  # a resume from the checkpoint at step 2, epoch 2
+        logger.rewind(2, epoch=2)
+        for step, epoch in ((2, 3), (3, 4)):
+            logger.log({"reward/total": 10.0 * step, "train/epoch": float(epoch)}, step=step)
+            logger.log_table("rollouts", [{"prompt": "p", "epoch": epoch}], step=step)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["train/epoch"], r["reward/total"]) for r in rows] == [
+        (1, 1, 1.0), (2, 2, 2.0), (2, 3, 20.0), (3, 4, 30.0)]
+    table = [json.loads(line) for line in (tmp_path / "tables" / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in table] == [1, 2, 2, 2, 3]  # rows carry no epoch: the step is what cuts them
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    scalars = [(s.step, s.value) for s in acc.Scalars("reward/total")]
+    # TensorBoard purges by step: past the checkpoint's step nothing of the old run is left
+    assert [v for v in scalars if v[0] == 3] == [(3, 30.0)] and scalars[-2:] == [(2, 20.0), (3, 30.0)]
+    assert not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_close_gives_up_the_run_folder_lock(tmp_path):
+    from astrolabe_rl.train.checkpoint import RunDirError, claim_run_dir
+
+    logger = RunLogger(tmp_path, tensorboard=False, owner=claim_run_dir(tmp_path, resume=None, overwrite=False))
+    with pytest.raises(RunDirError, match="in use"):
+        claim_run_dir(tmp_path, resume="auto", overwrite=False)
+    logger.close()
+    claim_run_dir(tmp_path, resume="auto", overwrite=False).release()
+
+
+def test_plot_step_ticks_are_whole_numbers(tmp_path):
+    from matplotlib.figure import Figure
+
+    from astrolabe_rl.train.logging import integer_steps
+
+    ax = Figure().subplots()
+    ax.plot([1, 2, 3], [0.1, 0.4, 0.2])
+    integer_steps(ax)
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    plain = Figure().subplots()
+    plain.plot([1, 2, 3], [0.1, 0.4, 0.2])
+    assert not all(float(t).is_integer() for t in plain.get_xticks())  # what matplotlib does on its own

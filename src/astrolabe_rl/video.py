@@ -1,4 +1,4 @@
-"""Video files: mp4 in and out, and reward captions burnt into frames.
+"""Video files: mp4 in and out, and reward captions on a band above the frames.
 
 Frames everywhere in the project are float tensors ``[T, 3, H, W]`` in ``[0, 1]`` (T frames, RGB). This module is
 the one place that turns them into bytes, and it quantises exactly once: ``round(clamp(x, 0, 1) · 255)``. Passing
@@ -194,34 +194,39 @@ def _decode_checked(source: str | Path | bytes, frames: int, height: int, width:
     return pixels.permute(0, 3, 1, 2).float() / 255
 
 
-def caption_frames(frames: Tensor, lines: list[str]) -> Tensor:
-    """Burn ``lines`` of white text on a darkened band into the top rows of every frame.
+def caption_frames(frames: Tensor, lines: list[str], max_width: int = 640) -> Tensor:
+    """Put ``lines`` of white text on a black band above every frame; the frame itself is left untouched.
 
     Args:
         frames: ``[T, 3, H, W]`` float in [0, 1].
-        lines: text lines, e.g. ``["hpsv3: 7.125", "flow: 0.310"]`` (about 14 px per line). The band never covers
-            more than the top half of the frame, so text that does not fit there, or in the width, is clipped.
+        lines: text lines, e.g. ``["hpsv3: 7.125", "flow: 0.310"]`` (about 14 px per line).
+        max_width: the widest the canvas grows for text wider than the frame (longer lines are clipped).
     Returns:
-        A new ``[T, 3, H, W]`` tensor; rows below the band are unchanged, and ``lines=[]`` returns a copy.
+        ``[T, 3, h + H, W']``: the band (h rows, enough for every line) on top, the frame below it at the left,
+        ``W' = max(W, min(text width, max_width))`` with black to the right of a narrower frame. ``lines=[]``
+        returns a copy of ``frames``.
     """
     check_frames(frames)
-    out = frames.detach().clone()
     if not lines:
-        return out
-    text = _render_text(lines, width=frames.shape[3], max_height=max(1, frames.shape[2] // 2))  # [h, W] in [0, 1]
-    band = out[:, :, : text.shape[0], :]
-    # darken the band so white text reads on any background, then paint the glyphs on top
-    band.mul_(0.4).copy_(torch.maximum(band, text.to(band)))
+        return frames.detach().clone()
+    t, c, h, w = frames.shape
+    text = _render_text(lines, min_width=w, max_width=max(w, max_width))  # [h_text, W'] in [0, 1]
+    out = torch.zeros(t, c, text.shape[0] + h, text.shape[1], dtype=frames.dtype, device=frames.device)
+    out[:, :, : text.shape[0]] = text.to(out)
+    out[:, :, text.shape[0] :, :w] = frames.detach()
     return out
 
 
-def _render_text(lines: list[str], width: int, max_height: int) -> Tensor:
-    """Rasterise ``lines`` with Pillow's built-in font: a ``[h, width]`` float mask, h ≤ ``max_height``."""
+def _render_text(lines: list[str], min_width: int, max_width: int) -> Tensor:
+    """Rasterise ``lines`` with Pillow's built-in font: a ``[h, width]`` float mask, ``min_width ≤ width ≤
+    max_width`` (as wide as the longest line needs)."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
     line_height = font.getbbox("Ag")[3] + 2  # glyph height plus 2 px of leading
-    height = min(max_height, 2 + line_height * len(lines))
+    needed = 4 + max(int(font.getlength(line)) for line in lines)
+    width = min(max_width, max(min_width, needed))
+    height = 2 + line_height * len(lines)
     image = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(image)
     for i, line in enumerate(lines):

@@ -13,12 +13,19 @@ On-disk layout (one folder per saved step; ``state`` is the dict given to `save_
         rng-rank0.pt           each rank's RNG streams (python, numpy, torch CPU, every CUDA device)
         rng-rank1.pt ...
         config.yaml            the resolved run config
-        COMPLETE               JSON: format, step, time, config_hash, world_size, {file: size in bytes}
+        adapter_model.safetensors, adapter_config.json
+                               files written by ``export`` (the recipe's EMA adapter in peft format, so the folder
+                                 is itself an adapter for ``--adapter``): listed, never loaded back
+        COMPLETE               JSON: format, step, time, config_hash, world_size, {file: size in bytes}, exports
       .tmp-step-000330/        a save in progress (or one that crashed): never loaded, removed by the next save
 
 A save writes everything into ``.tmp-step-XXXXXX``, fsyncs it, renames it to ``step-XXXXXX`` and only then writes
 ``COMPLETE`` (itself atomically). A folder is a checkpoint if and only if its marker parses and every file it
 lists has the recorded size, so a crash at any point leaves the previous checkpoint as the newest complete one.
+
+A run folder belongs to one run (`claim_run_dir`): an advisory lock (``run_dir/.lock``, holding the owner's pid and
+host) makes a second run into it fail at once, and a fresh run into a folder that already holds a run fails unless it
+resumes it or moves the old contents aside (``overwrite``).
 
 Distributed use: every rank calls `save_checkpoint` with its own rank and a barrier (rank 0 writes the shared
 files; each rank writes its own RNG file). If one rank raises mid-save the others wait at the next barrier until
@@ -35,6 +42,8 @@ import os
 import random
 import re
 import shutil
+import socket
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -46,6 +55,7 @@ from torch import Tensor
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"
 CONFIG_FILE = "config.yaml"
+LOCK_FILE = ".lock"
 FORMAT_VERSION = 1
 
 _STEP_DIR = re.compile(r"step-(\d{6,})")
@@ -171,6 +181,7 @@ def save_checkpoint(
     is_main: bool | None = None,
     keep_last: int | None = 3,
     barrier: Callable[[], None] | None = None,
+    export: Callable[[Path], Any] | None = None,
 ) -> Path | None:
     """Write ``run_dir/checkpoints/step-{step:06d}/`` atomically; every rank calls this.
 
@@ -187,6 +198,9 @@ def save_checkpoint(
         keep_last: complete checkpoints kept after this one is written (the new one always survives);
             None keeps all.
         barrier: waits for every rank (e.g. ``lambda: dist.barrier(ctx)``); required off rank 0.
+        export: called on the main rank with the unpublished folder to add files a user reads directly (the
+            recipe's peft adapter); they are listed in the marker (the checkpoint is complete only with them) under
+            ``exports`` and not loaded back by `load_checkpoint`.
     Returns:
         The checkpoint folder on the main rank, None elsewhere.
     """
@@ -200,6 +214,7 @@ def save_checkpoint(
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-{final.name}"
 
+    exports: list[str] = []
     if is_main:
         _fresh_dir(tmp)
     wait()  # the temp folder exists before any rank writes into it
@@ -207,13 +222,14 @@ def save_checkpoint(
         _save_pt(tmp / _RNG_FILE.format(rank=rank), rng)
         if is_main:
             _save_shared(tmp, state, config)
+            exports = _export(tmp, export)
     except BaseException:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     wait()  # every rank's files are on disk before the folder is published
     if is_main:
-        _publish(tmp, final, step, config)
+        _publish(tmp, final, step, config, exports)
         _prune(root, keep_last, final)
     wait()  # no rank moves on (or loads) before the checkpoint is complete
     return final if is_main else None
@@ -255,6 +271,19 @@ def _save_shared(folder: Path, state: Mapping[str, Any], config: Mapping[str, An
         else:
             _save_pt(folder / f"{key}.pt", value)
     _write_bytes(folder / CONFIG_FILE, yaml.safe_dump(_plain(config), sort_keys=False).encode())
+
+
+def _export(folder: Path, export: Callable[[Path], Any] | None) -> list[str]:
+    """Run ``export`` into ``folder``; the names of the files it added (top level only: the marker lists files)."""
+    if export is None:
+        return []
+    before = {p.name for p in folder.iterdir()}
+    export(folder)
+    added = sorted(p.name for p in folder.iterdir() if p.name not in before)
+    nested = [name for name in added if not (folder / name).is_file()]
+    if nested:
+        raise ValueError(f"a checkpoint export may add files only, not folders: {nested}")
+    return added
 
 
 def _is_flat_tensor_dict(value: Any) -> bool:
@@ -303,7 +332,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _publish(tmp: Path, final: Path, step: int, config: Mapping[str, Any]) -> None:
+def _publish(tmp: Path, final: Path, step: int, config: Mapping[str, Any], exports: list[str]) -> None:
     """Rename the finished temp folder into place, then write the marker that makes it a checkpoint."""
     _fsync(tmp)
     if final.exists():  # an earlier save of this step (a rerun after resume) or a crashed, marker-less one
@@ -318,6 +347,7 @@ def _publish(tmp: Path, final: Path, step: int, config: Mapping[str, Any]) -> No
         "config_hash": config_hash(config),
         "world_size": sum(name.startswith("rng-rank") for name in files),
         "files": files,
+        "exports": exports,
     }
     part = final / f"{MARKER}.part"
     _write_bytes(part, json.dumps(marker, indent=1).encode())
@@ -406,7 +436,10 @@ def load_checkpoint(path: str | Path, rank: int = 0, map_location: str | torch.d
     if marker is None:
         raise ValueError(f"{path} is not a complete checkpoint (no valid {MARKER} marker); use resolve_resume()")
     state: dict[str, Any] = {}
+    exports = set(marker.get("exports", ()))
     for name in marker["files"]:
+        if name in exports:
+            continue
         file = path / name
         if name.endswith(".safetensors"):
             state[file.stem] = load_file(file, device=str(map_location))
@@ -437,3 +470,110 @@ def _step_dirs(root: Path) -> Iterator[tuple[int, Path]]:
         match = _STEP_DIR.fullmatch(folder.name)
         if match and folder.is_dir():
             yield int(match.group(1)), folder
+
+
+# ------------------------------------------------------------------------------------------------ run folder
+
+
+class RunDirError(ValueError):
+    """The run folder cannot be used as asked; the message says what to change."""
+
+
+class RunDirLock:
+    """Exclusive, advisory ownership of a run folder: ``fcntl.flock`` on ``run_dir/.lock``, which holds the owner's
+    pid and host.
+
+    The kernel drops a flock when its file is closed, and the process's files are closed however it ends (``kill -9``
+    included), so a lock file left behind never blocks a later run: only a live holder does. Advisory: it stops other
+    astrolabe runs, not other programs. Use `claim_run_dir` to take a folder for a run.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._file: Any = None
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
+    def acquire(self) -> RunDirLock:
+        """Take the lock (creating the folder) or raise `RunDirError` naming the holder, without waiting."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+", encoding="utf-8")  # neither truncates the holder's record nor fails if absent
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read(500).strip() or "another process"
+            f.close()
+            raise RunDirError(
+                f"run_dir {self.path.parent} is in use by {holder}: wait for that run to end, or pick another run_dir"
+            ) from None
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {now}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        """Give the folder up (the file stays: its record is stale once no process holds the lock); idempotent."""
+        if self._file is not None:
+            self._file.close()  # closing drops the flock
+            self._file = None
+
+
+def claim_run_dir(run_dir: str | Path, *, resume: str | Path | None, overwrite: bool) -> RunDirLock:
+    """Take ``run_dir`` for one run: lock it, then refuse to mix two runs in it.
+
+    Args:
+        run_dir: the run's output folder (created if absent).
+        resume: ``checkpoint.resume``: any value means this run continues what the folder holds.
+        overwrite: a fresh run (``resume`` None) into a folder that holds anything moves the old contents aside, to
+            ``<run_dir>.old-<UTC time>`` next to it, instead of failing.
+    Returns:
+        The held lock: release it (`RunDirLock.release`) when the run ends; the process's exit releases it too.
+    Raises:
+        RunDirError: another live process holds the folder, or it holds a run and neither ``resume`` nor
+            ``overwrite`` says what to do with it, or both are set.
+    """
+    run_dir = Path(run_dir)
+    if overwrite and resume is not None:
+        raise RunDirError(
+            f"checkpoint.overwrite=true and checkpoint.resume={resume} contradict each other: resume continues the run "
+            f"in {run_dir}, overwrite moves it aside; pass one of them"
+        )
+    lock = RunDirLock(run_dir).acquire()
+    try:
+        held = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
+        if held and resume is None:
+            if not overwrite:
+                shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+                raise RunDirError(
+                    f"run_dir {run_dir} already holds a run ({shown}): continue it with --resume auto "
+                    "(checkpoint.resume=auto), move it aside with --overwrite (checkpoint.overwrite=true), or pick "
+                    "another run_dir"
+                )
+            aside = _move_aside(run_dir, held)
+            print(f"moved the previous contents of {run_dir} to {aside}", file=sys.stderr, flush=True)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _move_aside(run_dir: Path, names: list[str]) -> Path:
+    """Move ``names`` (entries of ``run_dir``) into a new sibling ``<run_dir>.old-<UTC time>[-k]``; returns it."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    aside = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+    k = 1
+    while aside.exists():  # two overwrites within one second
+        aside = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{k}")
+        k += 1
+    aside.mkdir()
+    for name in names:
+        os.replace(run_dir / name, aside / name)  # a sibling folder: the same filesystem, so a rename
+    return aside

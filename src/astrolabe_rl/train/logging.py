@@ -13,6 +13,9 @@ Metric names are namespaced with ``/`` (``reward/hpsv3/raw``, ``monitor/brightne
 namespace picks the figure. Non-finite values are written to JSON as ``null`` (strict JSON readers accept it) and
 passed unchanged to TensorBoard and wandb.
 
+A resumed run first calls `RunLogger.rewind` with its checkpoint's step, so each step appears once in metrics.jsonl,
+the tables and TensorBoard. The logger can hold the run folder's lock (``owner``) and gives it up in `close`.
+
 Only the main rank writes: on other ranks every method returns at once, so the recipe calls them unconditionally.
 TensorBoard, wandb, matplotlib, PyAV and tqdm are imported when first needed.
 """
@@ -21,12 +24,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import textwrap
 import time
 from pathlib import Path
 from types import ModuleType, TracebackType
-from typing import TYPE_CHECKING, Any, Mapping, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Mapping, TextIO
 
 from torch import Tensor
 
@@ -53,6 +57,8 @@ class RunLogger:
         wandb_id: resume this wandb run (store `wandb_id` in checkpoints so a resumed run continues its curves).
         config: the resolved run config; sent to wandb and shown as text in TensorBoard.
         is_main: False on every rank but 0: then nothing is written.
+        owner: the run folder's lock (`train.checkpoint.RunDirLock`, anything with ``release()``), given up by
+            `close`: the logger is the last thing that writes into the folder.
     """
 
     def __init__(
@@ -65,9 +71,11 @@ class RunLogger:
         wandb_id: str | None = None,
         config: Mapping[str, Any] | None = None,
         is_main: bool = True,
+        owner: Any = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.is_main = is_main
+        self._owner = owner
         self._metrics: TextIO | None = None
         self._tb: SummaryWriter | None = None
         self._wandb: ModuleType | None = None
@@ -106,6 +114,30 @@ class RunLogger:
                 self._tb.add_scalar(name, value, step)
         if self._wandb is not None:
             self._wandb.log(values, step=step)
+
+    def rewind(self, step: int, epoch: int | None = None) -> None:
+        """Forget what was logged after a checkpoint, so a resumed run logs each step once.
+
+        Drops the metrics.jsonl records with a step above ``step`` (or, given ``epoch``, a ``train/epoch`` above it:
+        epochs that did not step log at the same step) and the table rows above ``step``, each file rewritten
+        atomically; TensorBoard hides its events from ``step + 1`` on (its ``purge_step``, by step only: an epoch
+        that did not step after the checkpoint stays there).
+        """
+        if not self.is_main:
+            return
+
+        def keep_metric(record: dict[str, Any]) -> bool:
+            late_epoch = epoch is not None and (record.get("train/epoch") or 0) > epoch
+            return record["step"] <= step and not late_epoch
+
+        self._metrics.close()
+        _filter_jsonl(self.run_dir / METRICS_FILE, keep_metric)
+        self._metrics = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
+        for table in sorted((self.run_dir / "tables").glob("*.jsonl")):
+            _filter_jsonl(table, lambda row: row["step"] <= step)
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = _open_tensorboard(self.run_dir / "tensorboard", None, purge_step=step + 1)
 
     def log_video(
         self,
@@ -170,6 +202,9 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self._owner is not None:
+            self._owner.release()
+            self._owner = None
 
     def __enter__(self) -> RunLogger:
         return self
@@ -231,12 +266,20 @@ def _plot_group(path: Path, title: str, series: dict[str, tuple[list[int], list[
             ax.plot(steps, _ema(values), color="C0", linewidth=1.8)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
+        integer_steps(ax)
         ax.grid(alpha=0.3)
     for ax in axes[len(series) :]:
         ax.set_visible(False)
     fig.suptitle(title)
     fig.savefig(path, dpi=100)
     return path
+
+
+def integer_steps(ax: Any) -> None:
+    """Tick a matplotlib x axis at whole steps only (a few points would otherwise get ticks like 2.5)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _ema(values: list[float]) -> list[float]:
@@ -264,14 +307,35 @@ def _import_wandb() -> ModuleType:
     return wandb
 
 
-def _open_tensorboard(log_dir: Path, config: Mapping[str, Any] | None) -> SummaryWriter:
+def _open_tensorboard(log_dir: Path, config: Mapping[str, Any] | None, purge_step: int | None = None) -> SummaryWriter:
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(log_dir=str(log_dir), flush_secs=30)
+    writer = SummaryWriter(log_dir=str(log_dir), flush_secs=30, purge_step=purge_step)
     if config is not None:
         # TensorBoard's text tab renders markdown: a 4-space indent shows the JSON as a code block
         writer.add_text("config", textwrap.indent(json.dumps(_jsonable(config), indent=2), "    "))
     return writer
+
+
+def _filter_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
+    """Rewrite a JSON-lines file with only the records ``keep`` accepts, atomically (temp file + rename), so a kill
+    leaves either the old file or the new one; lines that do not parse are dropped. A missing file stays missing."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a blank line, or the torn last line of a killed run
+            continue
+        if keep(record):
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _scalar(name: str, value: float | Tensor) -> float:
