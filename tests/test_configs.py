@@ -13,7 +13,9 @@ import torch
 
 from astrolabe_rl.config import PACKAGED_CONFIGS, Config, load_config
 from astrolabe_rl.models import CausalWan, WanConfig
-from astrolabe_rl.models.build import DEFAULT_CHECKPOINTS, DEFAULT_LORAS, DEFAULT_WAN_DIR
+from astrolabe_rl.models import get_family
+from astrolabe_rl.models.build import (DEFAULT_CHECKPOINTS, DEFAULT_LORAS, DEFAULT_WAN_DIR, ModelFilesError,
+                                       check_official_files)
 from astrolabe_rl.rewards import available_rewards
 from astrolabe_rl.train import dist, recipe
 
@@ -76,7 +78,7 @@ def test_the_folder_ships_every_released_recipe():
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
-def test_recipe_loads_validates_and_says_how_to_launch_it(path, tmp_path):
+def test_recipe_loads_validates_and_says_how_to_launch_it(path, tmp_path, monkeypatch):
     launch = _launch(path)
     assert re.match(r"(torchrun .*-m astrolabe_rl\.train|astrolabe (train|demo))\b", launch), (
         f"{path.name} must start with a comment giving its launch command, got {launch!r}")
@@ -93,6 +95,13 @@ def test_recipe_loads_validates_and_says_how_to_launch_it(path, tmp_path):
         assert cfg.model.wan_dir == DEFAULT_WAN_DIR
         assert cfg.model.lora in (None, "none", DEFAULT_LORAS.get(cfg.model.family))
         assert cfg.lora.init in (None, DEFAULT_LORAS.get(cfg.model.family))
+        monkeypatch.chdir(tmp_path)  # nothing downloaded: the loader names exactly the files this recipe reads
+        with pytest.raises(ModelFilesError) as missing:
+            check_official_files(get_family(cfg.model.family), recipe.model_source(cfg))
+        assert f"checkpoint: {cfg.model.checkpoint} does not exist" in str(missing.value)
+        merges_lora = cfg.model.lora != "none" and cfg.model.family in DEFAULT_LORAS
+        assert ("LoRA:" in str(missing.value)) == merges_lora, str(missing.value)
+        assert not (merges_lora and cfg.lora.init), "the LongLive LoRA merged into the base and warm-starting θ too"
 
     ranks = _launched_ranks(launch)
     gpus = _gpus(_header(path))
