@@ -127,3 +127,60 @@ def test_seeded_adapter_init_is_reproducible_and_leaves_the_global_generator_alo
     torch.manual_seed(5)
     CausalWan(WanConfig.tiny())
     assert torch.equal(after_model, torch.rand(3))  # only the model's own init consumed the global generator
+
+
+def _rollout(model, seeds=(0, 1)):
+    from astrolabe_rl.models import get_family
+    from astrolabe_rl.rollout import rollout
+
+    return rollout(model, TEXT.expand(2, -1, -1), num_frames=6, latent_hw=(4, 4),
+                   sampler=get_family("self_forcing").sampler, seeds=list(seeds)).latents
+
+
+def test_merged_sampling_copy_generates_what_the_unmerged_adapter_generates():
+    policy = _policy()
+    _perturb(policy.adapter_params("old"))  # lora_B starts at zero: make the adapter matter
+    with policy.use("old") as model:
+        unmerged = _rollout(model)
+    merged = _rollout(policy.sampling_model())
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
+    with policy.use("ref") as model:
+        assert (_rollout(model) - unmerged).abs().max() > 1e-3  # the adapter changes the videos
+    assert not any(p.requires_grad for p in policy.sampling_model().parameters())
+    assert not any(".lora_" in n for n, _ in policy.sampling_model().named_parameters())
+
+
+def test_sampling_copy_follows_every_change_of_old():
+    policy = _policy()
+    copy = policy.sampling_model()
+    for change in (
+        lambda: (_perturb(policy.adapter_params("default"), seed=5), policy.soft_update_old(0.5)),
+        lambda: policy.load_state_dict({**policy.state_dict(), "old": {
+            k: v + 0.05 for k, v in policy.state_dict()["old"].items()}}),
+        lambda: policy.copy_("old", "default"),
+    ):
+        before = [p.clone() for p in copy.parameters()]
+        change()
+        assert policy.sampling_model() is copy  # refreshed in place: compiled code and CUDA graphs stay valid
+        assert any(not torch.equal(a, b) for a, b in zip(before, copy.parameters()))
+        with policy.use("old") as model:
+            torch.testing.assert_close(_out(copy), _out(model), atol=1e-5, rtol=0)
+
+
+def test_lora_computes_in_bf16_with_fp32_master_weights():
+    torch.manual_seed(0)
+    policy = Policy(CausalWan(WanConfig.tiny()).to(torch.bfloat16), rank=4, alpha=8.0)
+    params = policy.trainable_parameters()
+    assert all(p.dtype == torch.float32 for p in params)
+    _perturb(policy.adapter_params("default"))
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+             for n, m in policy.model.named_modules() if n.endswith("lora_A.default")]
+    out = policy.model(X.bfloat16(), 500.0, TEXT.bfloat16(), frames_per_block=3)
+    for h in hooks:
+        h.remove()
+    assert seen and all(d == (torch.bfloat16, torch.bfloat16) for d in seen)
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+    assert sum(p.grad.abs().sum() for p in params) > 0
+    assert policy.sampling_model().dtype == torch.bfloat16

@@ -5,6 +5,11 @@
   θ by the soft update ``θ_old ← η·θ_old + (1 − η)·θ`` after every step (`algo.sync`).
 * The KL reference is the base model with every adapter disabled (peft's ``disable_adapter``).
 * The EMA of θ is swapped in for evaluation and export (`ema_weights`).
+* Rollouts run through `sampling_model`: a plain CausalWan whose target weights are ``W + (α/r)·B_old·A_old`` folded
+  in once, in the base model's dtype (bfloat16 on GPU), so sampling costs exactly what the bare model costs (no
+  LoRA matmuls, no fp32 casts). It is refreshed lazily whenever θ_old changed through this class.
+* LoRA factors keep fp32 master weights (what the optimiser updates) but compute in the activations' dtype: in a
+  bfloat16 model every LoRA matmul runs in bfloat16, its weight gradient flows back to the fp32 master.
 
 LoRA goes on every linear of every block (`reference/ar_models.md` §6): ``blocks.N.{self_attn,cross_attn}.{q,k,v,o}``
 and ``blocks.N.ffn.{0,2}``, r 256 / α 256 as released.
@@ -14,13 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from astrolabe_rl.models.wan import CausalWan
+from astrolabe_rl.train.dist import full_tensor, shard_like
 
 DEFAULT_TARGETS = (
     "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
@@ -41,6 +49,36 @@ def lora_target_names(model: CausalWan, targets: Sequence[str] = DEFAULT_TARGETS
     return names
 
 
+class _LoraFactor(nn.Module):
+    """A LoRA factor (``lora_A`` or ``lora_B``) that computes in its input's dtype.
+
+    peft keeps adapter weights in float32 next to bfloat16 base weights and casts the activations up, so every LoRA
+    matmul of a bf16 model ran in fp32. This keeps the weight (same Parameter, same name: the fp32 master the
+    optimiser steps) and casts it down for the matmul instead; at fp32 the cast is the identity.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+def _compute_in_activation_dtype(model: nn.Module) -> None:
+    """Swap every peft LoRA factor for a `_LoraFactor` and stop peft casting the activations to fp32."""
+    for module in model.modules():
+        if hasattr(module, "lora_A") and isinstance(module.lora_A, nn.ModuleDict):
+            module.cast_input_dtype_enabled = False
+            for factors in (module.lora_A, module.lora_B):
+                for name in list(factors.keys()):
+                    if isinstance(factors[name], nn.Linear):
+                        factors[name] = _LoraFactor(factors[name])
+
+
 def _generic(name: str, adapter: str) -> str:
     """``...q.lora_A.default.weight`` -> ``...q.lora_A.weight`` (the adapter-free peft key)."""
     return name.replace(f".{adapter}.", ".")
@@ -56,6 +94,8 @@ class Policy:
         seed: seeds the adapters' random initialisation (peft draws lora_A from the global generator, whose state
             is left untouched), so that a run is reproducible and every rank starts from the same θ; None draws
             from the global generator as it is.
+        sampling_dtype: dtype of the merged sampling copy; None: the base weights' dtype (bf16 on GPU).
+        compile_sampling: ``torch.compile`` the sampling copy's blocks; None: on CUDA only.
     """
 
     def __init__(
@@ -66,6 +106,8 @@ class Policy:
         dropout: float = 0.0,
         targets: Sequence[str] = DEFAULT_TARGETS,
         seed: int | None = None,
+        sampling_dtype: torch.dtype | None = None,
+        compile_sampling: bool | None = None,
     ) -> None:
         from peft import LoraConfig, get_peft_model
 
@@ -79,8 +121,13 @@ class Policy:
                 torch.manual_seed(seed)
             self.peft = get_peft_model(model, self.lora_config, adapter_name="default")
             self.peft.add_adapter("old", self.lora_config)
+        _compute_in_activation_dtype(model)
         self.peft.set_adapter("default")
         self.model = model  # the same object, now with LoRA layers; call its modes directly
+        self.sampling_dtype = sampling_dtype
+        self.compile_sampling = compile_sampling
+        self._sampling: CausalWan | None = None
+        self._sampling_stale = True
         self.copy_("old", "default")
         self.ema = {k: v.detach().clone() for k, v in self.adapter_params("default").items()}
 
@@ -104,6 +151,52 @@ class Policy:
         s = self.adapter_params(src)
         for k, p in self.adapter_params(dst).items():
             p.copy_(s[k])
+        self._sampling_stale |= dst == "old"
+
+    # ------------------------------------------------------------------ the merged sampling copy
+
+    def sampling_model(self) -> CausalWan:
+        """θ_old merged into a plain CausalWan (``W + (α/r)·B_old·A_old`` per target, cast to ``sampling_dtype``):
+        what every rollout runs through. Built on the first call (compiled on CUDA), refreshed here whenever θ_old
+        changed through this class (`soft_update_old`, `copy_`, `load_state_dict`, `load_adapter`). Use it under
+        ``torch.no_grad()``; its parameters never require grad."""
+        if self._sampling is None:
+            self._sampling = self._new_sampling_copy()
+            self._sampling.compile_blocks(self.compile_sampling)
+        if self._sampling_stale:
+            self.refresh_sampling_copy()
+        return self._sampling
+
+    def _new_sampling_copy(self) -> CausalWan:
+        """An uninitialised plain CausalWan of the base's geometry on its device, holding the frozen non-LoRA weights."""
+        base = self.model
+        with torch.device("meta"):
+            copy = CausalWan(base.config)
+        dtype = self.sampling_dtype or base.dtype
+        copy = copy.to_empty(device=base.device).to(dtype).requires_grad_(False).eval()
+        copy.attn_backend = base.attn_backend
+        dst = dict(copy.named_parameters())
+        with torch.no_grad():
+            for name, p in base.named_parameters():
+                if ".lora_" not in name:
+                    dst[name.replace(".base_layer.", ".")].copy_(p)
+        self._sampling_stale = True
+        return copy
+
+    @torch.no_grad()
+    def refresh_sampling_copy(self) -> None:
+        """Fold the current θ_old into the sampling copy's target weights (fp32 sum, one cast). Call after every
+        change of θ_old that bypasses this class; `sampling_model` does it for the changes that go through it."""
+        if self._sampling is None:
+            return
+        modules = dict(self.model.named_modules())
+        dst = dict(self._sampling.named_modules())
+        for name in self.target_names:
+            layer = modules[name]
+            a, b = layer.lora_A["old"].weight, layer.lora_B["old"].weight
+            merged = torch.addmm(layer.base_layer.weight.float(), b.float(), a.float(), alpha=layer.scaling["old"])
+            dst[name].weight.copy_(merged)
+        self._sampling_stale = False
 
     # ------------------------------------------------------------------ adapters
 
@@ -132,14 +225,15 @@ class Policy:
         src = self.adapter_params("default")
         dst = self.adapter_params("old")
         soft_update_([dst[k] for k in src], [src[k] for k in src], eta)
+        self._sampling_stale = True
 
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
         """EMA ← decay·EMA + (1 − decay)·θ."""
         from astrolabe_rl.algo.sync import soft_update_
 
-        src = self.adapter_params("default")
-        soft_update_([self.ema[k] for k in src], [src[k] for k in src], decay)
+        src = self.adapter_params("default")  # sharded under FSDP2; the EMA is kept whole on every rank
+        soft_update_([self.ema[k] for k in src], [full_tensor(src[k]) for k in src], decay)
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[CausalWan]:
@@ -148,7 +242,7 @@ class Policy:
         backup = {k: p.detach().clone() for k, p in params.items()}
         with torch.no_grad():
             for k, p in params.items():
-                p.copy_(self.ema[k])
+                p.copy_(shard_like(self.ema[k], p))
         try:
             yield self.model
         finally:
@@ -159,10 +253,11 @@ class Policy:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
-        """Everything needed to resume: the two adapters and the EMA (adapter-free names)."""
+        """Everything needed to resume: the two adapters and the EMA (adapter-free names), whole tensors whatever
+        the sharding (under FSDP2 every rank must call this: it all-gathers)."""
         return {
-            "default": {k: v.detach().clone() for k, v in self.adapter_params("default").items()},
-            "old": {k: v.detach().clone() for k, v in self.adapter_params("old").items()},
+            "default": {k: full_tensor(v.detach()).clone() for k, v in self.adapter_params("default").items()},
+            "old": {k: full_tensor(v.detach()).clone() for k, v in self.adapter_params("old").items()},
             "ema": {k: v.clone() for k, v in self.ema.items()},
         }
 
@@ -171,20 +266,24 @@ class Policy:
         for adapter in ("default", "old"):
             _load_into(self.adapter_params(adapter), state[adapter], adapter)
         _load_into(self.ema, state["ema"], "ema")
+        self._sampling_stale = True
 
     def save_adapter(self, out_dir: str | Path, weights: Literal["ema", "default"] = "ema") -> Path:
         """Write the trained adapter in peft's format (``adapter_model.safetensors`` + ``adapter_config.json``
-        with rank and alpha), loadable with ``peft.PeftModel.from_pretrained`` or `load_adapter`."""
+        with rank and alpha), loadable with ``peft.PeftModel.from_pretrained`` or `load_adapter`. Each file is
+        replaced atomically: a reader, or a kill mid-save, sees the previous file or the new one, never half."""
         from safetensors.torch import save_file
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         src = self.ema if weights == "ema" else self.adapter_params("default")
         tensors = {f"base_model.model.{k}": v.detach().float().cpu().contiguous() for k, v in src.items()}
-        save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt", "weights": weights})
+        metadata = {"format": "pt", "weights": weights}
+        _replace_atomically(out / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata))
         cfg = self.lora_config.to_dict()
         cfg["target_modules"] = self.target_names  # full names: peft would shorten them to ambiguous suffixes
-        (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str))
+        text = json.dumps(cfg, indent=2, default=str)
+        _replace_atomically(out / "adapter_config.json", lambda tmp: tmp.write_text(text))
         return out
 
     @torch.no_grad()
@@ -193,8 +292,21 @@ class Policy:
         tensors = read_lora_file(path)
         for adapter in ("default", "old") if into == "both" else (into,):
             _load_into(self.adapter_params(adapter), tensors, str(path))
+        self._sampling_stale |= into in ("old", "both")
         if into in ("default", "both"):
             self.ema = {k: v.detach().clone() for k, v in self.adapter_params("default").items()}
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` to a temporary sibling, flush it to disk, then rename it over ``path`` (atomic on POSIX)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _adapter_file(path: str | Path) -> Path:
@@ -229,7 +341,7 @@ def _load_into(dst: dict[str, Tensor], src: dict[str, Tensor], what: str) -> Non
     for k, p in dst.items():
         if p.shape != src[k].shape:
             raise ValueError(f"LoRA tensor {k} has shape {tuple(src[k].shape)}, the model {tuple(p.shape)}; check lora.rank")
-        p.copy_(src[k])
+        p.copy_(shard_like(src[k], p))
 
 
 def merge_lora(model: CausalWan, adapter_path: str | Path) -> CausalWan:
