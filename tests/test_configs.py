@@ -105,6 +105,8 @@ def test_recipe_loads_validates_and_says_how_to_launch_it(path, tmp_path, monkey
 
     ranks = _launched_ranks(launch)
     gpus = _gpus(_header(path))
+    if cfg.model.family not in ("tiny", "toy"):
+        assert gpus is not None, f"{path.name}: a real recipe states its hardware ('# Hardware: ... N GPUs ...')"
     if ranks > 1:  # a multi-GPU recipe: its hardware line agrees with the launch, and its batch splits evenly
         assert gpus == ranks, f"{path.name}: the hardware line says {gpus} GPUs, the launch starts {ranks}"
         total = cfg.rollout.prompts_per_epoch * cfg.rollout.candidates
