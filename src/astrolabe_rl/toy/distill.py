@@ -143,7 +143,8 @@ def _perturb(x: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
 
 def dmd_loss(x_hat: Tensor, teacher: CausalWan, critic: CausalWan, text: Tensor,
              g: torch.Generator) -> tuple[Tensor, float]:
-    """DMD generator loss ``½·mean‖x̂ − sg(x̂ − grad)‖²`` and the normaliser mean|x̂ − x0_real| (`distillation.md` §3)."""
+    """DMD generator loss ``½·mean‖x̂ − sg(x̂ − grad)‖²`` and the normaliser mean|x̂ − x0_real|
+    (`distillation.md` §3)."""
     sigma, _, x_t = _perturb(x_hat.detach(), g)
     with torch.no_grad():
         x0_real = x0_from_velocity(x_t, teacher_velocity(teacher, x_t, sigma, text), sigma.float())
@@ -160,8 +161,7 @@ def critic_loss(critic: CausalWan, x_hat: Tensor, text: Tensor, g: torch.Generat
 
 
 def _trainable(path: Path) -> CausalWan:
-    model = load_toy_model(path).train().requires_grad_(True)
-    return model
+    return load_toy_model(path).train().requires_grad_(True)
 
 
 def _adam(model: CausalWan, lr: float) -> torch.optim.Optimizer:
@@ -322,6 +322,39 @@ def distill(args: argparse.Namespace) -> dict:
     return record
 
 
+@torch.no_grad()
+def compare(weights: dict[str, Path], split: str = "test", prompts: int = 16, samples: int = 4) -> dict:
+    """Each model's 4-step samples on ``prompts`` balanced prompts of ``split`` (``samples`` seeds each) and the
+    world's renders of the same prompts, scored by the oracle and the proxies: name -> {figure: mean}.
+
+    Figures: the oracle's (headline, agreement and each attribute, residual), ``diversity`` (`within_prompt_diversity`)
+    and the rewards ``toy_quality``, ``toy_quality_hackable``, ``toy_motion``, ``toy_text``, ``toy_noise``.
+    """
+    from astrolabe_rl.rollout import rollout
+    from astrolabe_rl.toy import oracle
+    from astrolabe_rl.toy import rewards as R
+
+    fam = get_family("toy")
+    chosen = world.eval_prompts(prompts, split)
+    batch = [p for p in chosen for _ in range(samples)]
+    seeds = [7919 * i + j for i in range(len(chosen)) for j in range(samples)]
+    videos = {"renders": world.render(batch, seeds)}
+    for name, path in weights.items():
+        z = rollout(load_toy_model(path), ToyTextEncoder()(chosen), num_frames=_frames(), latent_hw=fam.latent_hw,
+                    sampler=fam.sampler, seeds=seeds, candidates=samples).latents
+        videos[name] = vae.decode(z)
+    out = {}
+    for name, v in videos.items():
+        scores = oracle.oracle_scores(v, batch)
+        row = {k: float(x.mean()) for k, x in scores.items()}
+        row["diversity"] = float(oracle.within_prompt_diversity(v, samples).mean())
+        for reward, fn in (("toy_quality", R.quality), ("toy_quality_hackable", R.quality_hackable),
+                           ("toy_motion", R.motion), ("toy_text", R.text_alignment), ("toy_noise", R.noise_level)):
+            row[reward] = float(fn(v, batch).mean())
+        out[name] = {k: round(x, 4) for k, x in row.items()}
+    return {"split": split, "prompts": len(chosen), "samples_per_prompt": samples, "scores": out}
+
+
 def _smooth(old: float | None, new: float) -> float:
     return new if old is None else 0.95 * old + 0.05 * new
 
@@ -336,12 +369,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=20)
     p.add_argument("--smoke", action="store_true", help="a few steps of every stage (checks the pipeline)")
+    p.add_argument("--compare", action="store_true",
+                   help="after distilling, score the student, the fm base and the renders on the oracle (test split) "
+                        "and add the figures to the student's record")
     args = p.parse_args(argv)
     if args.smoke:
         for k, v in SMOKE.items():
             setattr(args, k, v)
         args.log_every = args.save_every = 2
     record = distill(args)
+    if args.compare:
+        record["oracle_comparison"] = compare({"student": Path(args.out), "fm_base": Path(args.base)},
+                                              prompts=8 if args.smoke else 16, samples=2 if args.smoke else 4)
+        Path(args.out).with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+        print(json.dumps(record["oracle_comparison"]))
     print(json.dumps({k: record[k] for k in ("recipe", "wall_s")}))
     return 0
 

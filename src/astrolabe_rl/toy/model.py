@@ -69,8 +69,13 @@ class ToyDecoder:
 
 
 class _ToyLoader:
+    """Builds a toy model whose DiT defaults to the ``weights`` file (``--checkpoint`` overrides it)."""
+
+    def __init__(self, weights: Path) -> None:
+        self.weights = weights
+
     def dit(self, family: Family, source: ModelSource, device: torch.device, dtype: torch.dtype) -> CausalWan:
-        return load_toy_model(source.checkpoint, device, dtype)
+        return load_toy_model(self.weights if source.checkpoint is None else source.checkpoint, device, dtype)
 
     def text_encoder(self, family: Family, source: ModelSource, device: torch.device, dtype: torch.dtype) -> "ToyTextEncoder":
         from astrolabe_rl.toy.text import ToyTextEncoder
@@ -81,4 +86,5 @@ class _ToyLoader:
         return ToyDecoder()
 
 
-LOADER = _ToyLoader()
+LOADER = _ToyLoader(WEIGHTS)  # family "toy": the DMD-distilled 4-step causal student (`toy.distill`)
+FM_LOADER = _ToyLoader(FM_WEIGHTS)  # family "toy_fm": the flow-matching base it was distilled from (`toy.pretrain`)

@@ -278,6 +278,18 @@ def gap_closed(after: float, base: float, ceiling: float) -> float:
     return (after - base) / (ceiling - base)
 
 
+def within_prompt_diversity(videos: Tensor, samples_per_prompt: int) -> Tensor:
+    """How much the K samples of each prompt differ: per-pixel std over the K samples, averaged over pixels.
+
+    ``videos [P·K, T, 3, H, W]`` with the K samples of a prompt adjacent -> ``[P]``. The world's renders of one
+    prompt (K seeds) differ only by their jitter and texture phase; a mode-seeking model repeats one composition.
+    """
+    k = samples_per_prompt
+    if k < 2 or videos.shape[0] % k:
+        raise ValueError(f"need K ≥ 2 samples per prompt and a batch divisible by K; got K={k}, batch {videos.shape[0]}")
+    return videos.float().unflatten(0, (-1, k)).std(dim=1, correction=0).mean(dim=(1, 2, 3, 4))
+
+
 # ------------------------------------------------------------------------------------------------ degradations
 
 
