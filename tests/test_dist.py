@@ -357,6 +357,22 @@ def _check_sampler(ctx: DistContext) -> None:
     assert [s for plan in everyone for s in plan] == GroupSampler(10, 4, 3, 1, 0, seed=7).epoch_plan(2)
 
 
+# tests/test_train.py's DDP run of the tiny family with LoRA, here under dist.strategy=fsdp2 and for one epoch
+# (rollout, sharded update, θ_old / EMA sync, checkpoint) to keep the default suite short.
+RECIPE = ["lora.rank=4", "lora.alpha=4", "data.prompts=[a red ball, a blue cube, a green cone]",
+          "rollout.prompts_per_epoch=2", "rollout.candidates=2", "rollout.num_frames=3", "rollout.micro_batch=1",
+          "rewards.components=[{name: sharpness, weight: 1.0}]", "rewards.monitors=[]", "log.tensorboard=false",
+          "log.plots=false", "log.progress=false", "eval.every=0", "checkpoint.every=1", "train.epochs=1",
+          "train.lr=1e-3", "model.device=cpu", "dist.strategy=fsdp2"]
+
+
+def _train(run_dir: Path) -> None:
+    from astrolabe_rl.config import load_config
+    from astrolabe_rl.train.recipe import train
+
+    train(load_config(None, [*RECIPE, f"run_dir={run_dir}"]))
+
+
 def _worker(out_dir: Path) -> None:
     ctx = D.init_distributed("cpu", timeout=datetime.timedelta(seconds=60))
     assert D.init_distributed() is ctx
@@ -366,6 +382,7 @@ def _worker(out_dir: Path) -> None:
     result.update(_check_fsdp2_causal_wan(ctx))
     _check_sampler(ctx)
     D.barrier(ctx)
+    _train(out_dir / "fsdp2")  # the whole recipe, sharded; its teardown may close the process group
     D.shutdown()
     assert not torch.distributed.is_initialized()
     (out_dir / f"rank{ctx.rank}.json").write_text(json.dumps(result))
@@ -377,7 +394,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(out_dir: Path, timeout_s: float = 90.0) -> list[tuple[int, str]]:
+def _launch(out_dir: Path, timeout_s: float = 150.0) -> list[tuple[int, str]]:
     """Run the worker on WORLD ranks; kill every rank once one fails or the deadline passes."""
     port = _free_port()
     procs = []
@@ -414,6 +431,24 @@ def test_two_process_gloo(tmp_path):
     assert outs[0]["mean"] == outs[1]["mean"] == [1.5, 15.0]
     assert outs[0]["weight_grad"] == outs[1]["weight_grad"]
     assert outs[0]["barrier_wait"] > 0.3
+    assert outs[0]["fsdp2_video"] != outs[1]["fsdp2_video"]  # each rank sampled its own prompt and seed
+
+    # dist.strategy=fsdp2 on two ranks trains what one process trains (same samples, same global batch)
+    D.shutdown()
+    _train(tmp_path / "one")
+    from astrolabe_rl.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    one, two = (load_checkpoint(latest_checkpoint(tmp_path / run)) for run in ("one", "fsdp2"))
+    for adapter in ("default", "old", "ema"):
+        assert one["policy"][adapter].keys() == two["policy"][adapter].keys()
+        for k, v in one["policy"][adapter].items():
+            torch.testing.assert_close(two["policy"][adapter][k], v, atol=1e-6, rtol=1e-4)
+    assert one["policy"]["default"]["blocks.0.self_attn.q.lora_B.weight"].abs().max() > 1e-4  # it did train
+    for i, state in one["optimizer"]["state"].items():  # Adam's moments saved whole, not as rank 0's shard
+        torch.testing.assert_close(two["optimizer"]["state"][i]["exp_avg"], state["exp_avg"], atol=1e-8, rtol=1e-4)
+    rewards = [[json.loads(line)["reward/total"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+               for run in ("one", "fsdp2")]
+    assert rewards[0] == pytest.approx(rewards[1], rel=1e-5, abs=1e-7)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

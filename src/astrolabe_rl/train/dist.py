@@ -403,6 +403,44 @@ def no_sync(model: nn.Module, enabled: bool = True) -> Iterator[None]:
         yield
 
 
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor: a DTensor (an FSDP2-sharded parameter, its gradient or optimiser state) is all-gathered,
+    so every rank must call this for it, in the same order; a plain tensor is returned as is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(full: Tensor, ref: Tensor) -> Tensor:
+    """``full`` laid out like ``ref``: this rank's shard of it when ``ref`` is a DTensor (no communication: every
+    rank holds ``full``), ``full`` itself otherwise. Loads a checkpoint or an EMA into a sharded parameter."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(ref, DTensor):
+        return full
+    return distribute_tensor(full.to(ref.device, ref.dtype), ref.device_mesh, ref.placements, src_data_rank=None)
+
+
+def full_state(obj: Any) -> Any:
+    """``obj`` (nested dicts / lists / tuples of tensors, e.g. ``optimizer.state_dict()``) with every DTensor
+    all-gathered into a plain tensor: what a checkpoint stores, whatever the world size. Collective: every rank
+    calls it on the same structure."""
+    if isinstance(obj, dict):
+        return {k: full_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(full_state(v) for v in obj)
+    return full_tensor(obj) if isinstance(obj, Tensor) else obj
+
+
+def shard_optimizer_state_(optimizer: torch.optim.Optimizer) -> None:
+    """After ``optimizer.load_state_dict`` of a `full_state` checkpoint: lay every per-parameter state tensor of a
+    sharded parameter (Adam's moments) out like the parameter; a no-op for plain parameters."""
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if isinstance(v, Tensor) and v.shape == p.shape:
+                state[k] = shard_like(v, p)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Rank-0 I/O
 # ----------------------------------------------------------------------------------------------------------------

@@ -181,6 +181,7 @@ def _maybe_resume(world: World) -> None:
     check_resume_compatible(state["config"], to_dict(cfg), CRITICAL_KEYS, cfg.checkpoint.force_resume)
     world.policy.load_state_dict(state["policy"])
     world.optimizer.load_state_dict(state["optimizer"])
+    dist.shard_optimizer_state_(world.optimizer)
     world.step, world.epoch = state["trainer"]["step"], state["trainer"]["epoch"]
     world.sampler_plan.load_state_dict(state["trainer"]["sampler"])
     restore_rng(state["rng"])
@@ -474,7 +475,7 @@ def _table_rows(batch: Batch, scores: dict[str, Tensor], adv: Advantages) -> lis
 def save(world: World) -> None:
     state = {
         "policy": world.policy.state_dict(),
-        "optimizer": world.optimizer.state_dict(),
+        "optimizer": dist.full_state(world.optimizer.state_dict()),  # whole tensors under FSDP2 too
         "trainer": {"step": world.step, "epoch": world.epoch, "sampler": world.sampler_plan.state_dict()},
         "rng": capture_rng(),
     }
