@@ -142,3 +142,28 @@ def test_a_short_text_context_equals_its_zero_padded_form(tiny):
 def test_a_text_context_longer_than_text_len_is_rejected(tiny):
     with pytest.raises(ValueError, match="more than the model's text_len=8; truncate"):
         tiny.encode_text(torch.randn(1, 9, 16))
+
+
+def test_generate_recache_mask_flag(tmp_path):
+    """``astrolabe generate --recache-mask``: auto keeps the family's mask (tiny: block_causal); the other mask
+    changes only the frames after the scene switch."""
+    from safetensors.torch import load_file
+
+    from astrolabe_rl.cli import build_parser
+    from astrolabe_rl.generate import generate, options_from_args
+
+    def latents(*flags):
+        out = tmp_path / f"{len(list(tmp_path.iterdir()))}.safetensors"
+        args = build_parser().parse_args(["generate", "--model", "tiny", "--prompt", "a red ball [1.5s] | a blue cube",
+                                          "--latent-frames", "9", "--latents-out", str(out), "--quiet", *flags])
+        generate(options_from_args(args))
+        return load_file(out)["latents"]
+
+    auto, causal, bidir = latents(), latents("--recache-mask", "block_causal"), latents("--recache-mask",
+                                                                                        "bidirectional")
+    assert torch.equal(auto, causal)
+    switch = 6  # 1.5 s at 16 fps: pixel frame 24, latent frame 6 (two blocks re-encoded)
+    assert torch.equal(bidir[:, :switch], auto[:, :switch])
+    assert (bidir[:, switch:] - auto[:, switch:]).abs().max() > 1e-4
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--recache-mask", "causal"])

@@ -61,6 +61,9 @@ class GenerateOptions:
         batch: videos generated together.
         out: ``x.mp4`` (one video) or a folder; None with ``latents_out``: no videos.
         latents_out: a ``.safetensors`` receiving the latents ``[B, F, C, H, W]``.
+        recache_mask: attention among the frames re-encoded at a prompt switch (`SamplerConfig.recache_mask`):
+            ``auto`` (what the family's checkpoint was trained with: bidirectional for LongLive, block_causal
+            otherwise), ``block_causal`` or ``bidirectional``.
         device, dtype: None: cuda + bfloat16 when available, else cpu + float32.
         quiet: no progress bar.
     """
@@ -85,6 +88,7 @@ class GenerateOptions:
     batch: int = 1
     out: str | None = None
     latents_out: str | None = None
+    recache_mask: str = "auto"
     device: str | None = None
     dtype: str | None = None
     quiet: bool = False
@@ -272,7 +276,7 @@ def generate(opts: GenerateOptions) -> dict[str, Any]:
     pixel = opts.frames or 1 + family.temporal_stride * (family.horizon_frames - 1)
     frames = opts.latent_frames or latent_frames_for(pixel, base.frames_per_block, base.first_block_frames,
                                                      family.temporal_stride)
-    sampler = family.sampler_for(frames)
+    sampler = family.sampler_for(frames).with_recache_mask(opts.recache_mask)
 
     samples = plan(opts, sampler, frames, family.temporal_stride)
     source = opts.source()
@@ -425,6 +429,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the first video; video i uses seed + i")
     p.add_argument("--num-videos", type=int, default=1, help="videos per prompt line")
     p.add_argument("--batch", type=int, default=1, help="videos generated together (memory grows with it)")
+    p.add_argument("--recache-mask", default="auto", choices=("auto", "block_causal", "bidirectional"),
+                   help="attention among the frames re-encoded under the new prompt at a scene switch; auto: what "
+                        "the model was trained with (LongLive: bidirectional, its official re-cache)")
     o = g.add_argument_group("output")
     o.add_argument("--out", default=None,
                    help="x.mp4 (one video) or a folder of '{prompt}-{i}.mp4' files with their full prompts in "
