@@ -19,9 +19,12 @@ What it measures
     ========== ================================================ ====================================
 
     The VLM prompts are tokenised by a word-level stand-in tokenizer (the real BPE gives ~10-20 % more text
-    tokens; the visual tokens, which dominate, are exact). ``latency_s_per_video`` = median seconds per call /
-    batch; ``peak_mem_gb`` = ``torch.cuda.max_memory_allocated`` during the timed calls (weights included);
-    ``weights_gb`` = memory held by the model after building it (null on CPU).
+    tokens; the visual tokens, which dominate, are exact). Every call, warm-up and timed, gets a freshly drawn video
+    tensor (drawn before the clock starts): rewards that memoise their last result for the same tensor object, as
+    VideoAlign's scorer does for its several heads, must not be timed on a cache hit. ``latency_s_per_video`` =
+    median seconds per call / batch; ``peak_mem_gb`` = ``torch.cuda.max_memory_allocated`` during the timed calls
+    (weights included; reset for each reward); ``weights_gb`` = memory held by the model after building it (null
+    on CPU).
 
 Output
     Exactly one JSON line on stdout::
@@ -132,15 +135,26 @@ def build_tiny(name: str, device: torch.device, dtype: torch.dtype) -> Any:
     return build_reward("videoalign_mq" if name == "videoalign" else name, tiny=True)
 
 
-def measure(reward: Callable, videos: torch.Tensor, prompts: list[str], repeats: int, warmup: int) -> dict:
+def random_videos(batch: int, shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """Smooth random frames ``[B, F, 3, H, W]`` in [0, 1] (noise would make flow and resizing atypical)."""
+    low = torch.rand(batch * shape[0], 3, shape[1] // 8, shape[2] // 8, device=device)
+    return torch.nn.functional.interpolate(low, size=shape[1:], mode="bilinear").view(batch, shape[0], 3, *shape[1:])
+
+
+def measure(reward: Callable, make_videos: Callable[[], torch.Tensor], prompts: list[str], repeats: int,
+            warmup: int) -> dict:
+    """Median latency of ``reward`` on a fresh ``make_videos()`` tensor per call (made before the clock starts)."""
+    videos = make_videos()
     device = videos.device
     for _ in range(warmup):
-        reward(videos, prompts)
+        reward(make_videos(), prompts)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(repeats):
+        videos = make_videos()
+        _sync(device)
         start = time.perf_counter()
         reward(videos, prompts)
         _sync(device)
@@ -149,7 +163,7 @@ def measure(reward: Callable, videos: torch.Tensor, prompts: list[str], repeats:
     return {"latency_s_per_video": median / videos.shape[0], "call_s_median": median, "peak_mem_gb": _peak_gb(device)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rewards", default=",".join(ALL), help=f"comma-separated subset of {', '.join(ALL)}")
     p.add_argument("--batch", type=int, default=1, help="videos per call")
@@ -159,7 +173,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--tiny", action="store_true", help="tiny random models on CPU, 9×64×64 video (smoke test)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -176,13 +190,10 @@ def main() -> None:
             reward = build(name, device, dtype)
             after = _allocated_gb(device)
             weights = None if after is None else after - before
-            # smooth random frames (noise would make flow and resizing atypical)
-            low = torch.rand(args.batch * shape[0], 3, shape[1] // 8, shape[2] // 8, device=device)
-            videos = torch.nn.functional.interpolate(low, size=shape[1:], mode="bilinear").view(
-                args.batch, shape[0], 3, *shape[1:])
-            row = measure(reward, videos, prompts, args.repeats, args.warmup)
+            row = measure(reward, lambda: random_videos(args.batch, shape, device), prompts, args.repeats,
+                          args.warmup)
         results.append({"reward": name, **row, "weights_gb": weights})
-        del reward, videos, low
+        del reward
     print(json.dumps({"bench": "rewards", "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                       else "cpu", "dtype": str(dtype).removeprefix("torch."), "video": list(shape),
                       "batch": args.batch, "results": results, "torch": torch.__version__}))

@@ -147,7 +147,8 @@ def test_selective_checkpointing_same_gradients_and_attention_not_recomputed(tin
         for a, b in zip(grads[0], other):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert forward_attn[0] > 0
-    assert backward_attn == [0, forward_attn[0], 0]  # full recomputes attention in backward, selective saves it
+    # full checkpointing recomputes the attention kernels in backward; selective saved their outputs
+    assert backward_attn[0] == 0 and backward_attn[1] > 0 and backward_attn[2] == 0
 
 
 def test_rope_tables_slice_runs_of_frames(tiny):

@@ -404,6 +404,7 @@ class CausalWan(nn.Module):
         self.gradient_checkpointing = False
         self.checkpoint_mode: CheckpointMode = "selective"
         self.compiled: str = "off"
+        self._steps: list[Callable] | None = None  # compiled `_block_step` per block (compile_blocks)
         self.init_weights()
 
     def compile_blocks(self, enabled: bool | None = None, mode: str | None = None) -> str:
@@ -412,11 +413,13 @@ class CausalWan(nn.Module):
         ``enabled=None`` compiles on CUDA only (the default for training and sampling; CPU runs and tests stay
         eager). ``mode``: a ``torch.compile`` mode; ``"reduce-overhead"`` adds CUDA graphs, which the cached
         `denoise` calls allow (no host syncs, every pointer a Python int) but which hold one graph per key length.
+        What is compiled is the block *with* its activation checkpoint (`_block_step`): selective checkpointing is
+        honoured by the compiler only when the checkpoint is inside the compiled region.
         """
         if enabled is None:
             enabled = self.device.type == "cuda"
         if not enabled:
-            self.compiled = "off"
+            self.compiled, self._steps = "off", None
         elif not hasattr(nn.Module, "compile"):
             self.compiled = "off (torch too old)"
         else:
@@ -424,8 +427,7 @@ class CausalWan(nn.Module):
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             if self.device.type == "cuda":
                 cuda_kernel(self.device.index or 0)  # decide (and log) the attention kernel outside traced code
-            for block in self.blocks:
-                block.compile(mode=mode)
+            self._steps = [torch.compile(functools.partial(_block_step, block), mode=mode) for block in self.blocks]
             self.compiled = f"blocks ({mode or 'default'})"
         return self.compiled
 
@@ -544,17 +546,13 @@ class CausalWan(nn.Module):
         tokens = self._patchify(x)
         e, e0 = self._time(t)
         rope = self.rope(frames, hh // ph, ww // pw, x.device, tokens.dtype)
+        ckpt = self.checkpoint_mode if self.gradient_checkpointing and torch.is_grad_enabled() else None
         for i, block in enumerate(self.blocks):
             args = (tokens, e0, rope, text[i], kv(i) if kv is not None else None, mask, self.attn_backend)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                context_fn = (
-                    functools.partial(create_selective_checkpoint_contexts, _save_attention)
-                    if self.checkpoint_mode == "selective"
-                    else _no_context
-                )
-                tokens, k, v = checkpoint(block, *args, use_reentrant=False, context_fn=context_fn)
+            if self._steps is not None:
+                tokens, k, v = self._steps[i](ckpt, *args)
             else:
-                tokens, k, v = block(*args)
+                tokens, k, v = _block_step(block, ckpt, *args)
             if after_layer is not None:
                 after_layer(i, k, v)
         out = self.head(tokens, e)
@@ -708,6 +706,16 @@ class CausalWan(nn.Module):
             after_layer=after,
         )
         cache.finish_append(plan)
+
+
+def _block_step(block: WanBlock, ckpt: CheckpointMode | None, *args) -> tuple[Tensor, Tensor, Tensor]:
+    """One block, under activation checkpointing when ``ckpt`` is set (``"selective"``: attention outputs saved)."""
+    if ckpt is None:
+        return block(*args)
+    context_fn = (
+        functools.partial(create_selective_checkpoint_contexts, _save_attention) if ckpt == "selective" else _no_context
+    )
+    return checkpoint(block, *args, use_reentrant=False, context_fn=context_fn)
 
 
 # ------------------------------------------------------------------------------------------- key sources
