@@ -340,6 +340,10 @@ def _check_fsdp2_causal_wan(ctx: DistContext) -> dict:
     r = ctx.rank
     video = sample(sharded, slice(r, r + 1), [10 + r])  # this rank's prompt and seed
     torch.testing.assert_close(video, ref_video[r:r + 1], atol=1e-5, rtol=0)
+    with torch.no_grad():  # θ_old merged into a plain copy: built from the gathered shards
+        merged = rollout(policy.sampling_model(), text[r:r + 1], num_frames=6, latent_hw=(4, 4), sampler=sampler,
+                         seeds=[10 + r]).latents
+    torch.testing.assert_close(merged, ref_video[r:r + 1], atol=1e-4, rtol=0)
     loss(sharded, slice(r, r + 1)).backward()  # FSDP2 averages the two ranks' gradients: the full-batch mean
     worst = 0.0
     for n, p in model.named_parameters():

@@ -177,9 +177,9 @@ class Policy:
         copy.attn_backend = base.attn_backend
         dst = dict(copy.named_parameters())
         with torch.no_grad():
-            for name, p in base.named_parameters():
+            for name, p in base.named_parameters():  # whole weights, gathered one by one when FSDP2 shards them
                 if ".lora_" not in name:
-                    dst[name.replace(".base_layer.", ".")].copy_(p)
+                    dst[name.replace(".base_layer.", ".")].copy_(full_tensor(p))
         self._sampling_stale = True
         return copy
 
@@ -193,8 +193,9 @@ class Policy:
         dst = dict(self._sampling.named_modules())
         for name in self.target_names:
             layer = modules[name]
-            a, b = layer.lora_A["old"].weight, layer.lora_B["old"].weight
-            merged = torch.addmm(layer.base_layer.weight.float(), b.float(), a.float(), alpha=layer.scaling["old"])
+            a, b, w = (full_tensor(t) for t in (layer.lora_A["old"].weight, layer.lora_B["old"].weight,
+                                                 layer.base_layer.weight))
+            merged = torch.addmm(w.float(), b.float(), a.float(), alpha=layer.scaling["old"])
             dst[name].weight.copy_(merged)
         self._sampling_stale = False
 
