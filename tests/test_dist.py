@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from astrolabe_rl.train import dist as D
 from astrolabe_rl.train.dist import DistContext, GroupSampler, Sample
@@ -352,6 +353,24 @@ def _check_fsdp2_causal_wan(ctx: DistContext) -> dict:
             full = p.grad.full_tensor()
             torch.testing.assert_close(full, expected[n], atol=1e-5, rtol=1e-4)
             worst = max(worst, (full - expected[n]).abs().max().item())
+
+    # resume: whole-tensor state and optimiser moments go back into the shards
+    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
+    opt.step()
+    state, opt_state = policy.state_dict(), D.full_state(opt.state_dict())
+    assert not any(isinstance(v, DTensor) for a in state.values() for v in a.values())
+    shards = {k: p.to_local().clone() for k, p in policy.adapter_params("default").items()}
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.zero_()
+    policy.load_state_dict(state)
+    assert all(torch.equal(p.to_local(), shards[k]) for k, p in policy.adapter_params("default").items())
+    resumed = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
+    resumed.load_state_dict(opt_state)
+    D.shard_optimizer_state_(resumed)
+    for p in policy.trainable_parameters():
+        assert torch.equal(resumed.state[p]["exp_avg"].to_local(), opt.state[p]["exp_avg"].to_local())
+    resumed.step()  # the moments are shards like their parameters: no 'mixed Tensor and DTensor'
     return {"fsdp2_video": video.flatten()[:8].tolist(), "fsdp2_grad_max_diff": worst}
 
 
@@ -450,8 +469,8 @@ def test_two_process_gloo(tmp_path):
     assert one["policy"]["default"]["blocks.0.self_attn.q.lora_B.weight"].abs().max() > 1e-4  # it did train
     for i, state in one["optimizer"]["state"].items():  # Adam's moments saved whole, not as rank 0's shard
         torch.testing.assert_close(two["optimizer"]["state"][i]["exp_avg"], state["exp_avg"], atol=1e-8, rtol=1e-4)
-    rewards = [[json.loads(line)["reward/total"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-               for run in ("one", "fsdp2")]
+    rewards = [[json.loads(line)["reward/total"] for line in (tmp_path / run / "metrics.jsonl").read_text().split("\n")
+                if line] for run in ("one", "fsdp2")]
     assert rewards[0] == pytest.approx(rewards[1], rel=1e-5, abs=1e-7)
 
 
