@@ -213,3 +213,9 @@ def test_plot_step_ticks_are_whole_numbers(tmp_path):
     plain = Figure().subplots()
     plain.plot([1, 2, 3], [0.1, 0.4, 0.2])
     assert not all(float(t).is_integer() for t in plain.get_xticks())  # what matplotlib does on its own
+    single = Figure().subplots()
+    single.plot([2], [0.5], marker=".")  # one logged step (a held-out evaluation at the last step only)
+    integer_steps(single)
+    lo, hi = single.get_xlim()
+    ticks = [t for t in single.get_xticks() if lo <= t <= hi]
+    assert 2 in ticks and all(float(t).is_integer() for t in ticks)

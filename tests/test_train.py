@@ -242,3 +242,69 @@ def test_two_processes_agree_with_one(tmp_path):
     assert ra.keys() == rb.keys()
     for step in ra:
         assert ra[step]["reward/total"] == pytest.approx(rb[step]["reward/total"], rel=1e-5, abs=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------ run folder, export
+
+
+def _steps(path):
+    return [json.loads(line)["step"] for line in Path(path).read_text().splitlines()]
+
+
+def _same_tensors(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+
+
+def test_a_run_folder_belongs_to_one_run(tmp_path):
+    from astrolabe_rl.policy import read_lora_file
+    from astrolabe_rl.train.checkpoint import RunDirError
+
+    run = tmp_path / "run"
+    recipe.train(_cfg(run, "train.epochs=1"))
+    assert _steps(run / "metrics.jsonl") == [1]
+    first = read_lora_file(run / "adapter")  # exported at the end although checkpoint.every=0
+    with pytest.raises(RunDirError, match="already holds a run.*--resume auto.*--overwrite"):
+        recipe.setup(_cfg(run, "train.epochs=1"))  # rerunning the same command no longer appends [1, 1]
+    recipe.train(_cfg(run, "train.epochs=1", "train.seed=7", "checkpoint.overwrite=true"))
+    (old,) = tmp_path.glob("run.old-*")
+    assert _steps(run / "metrics.jsonl") == [1] and _steps(old / "metrics.jsonl") == [1]
+    assert _same_tensors(read_lora_file(old / "adapter"), first)
+    assert not _same_tensors(read_lora_file(run / "adapter"), first)
+
+    holder = recipe.setup(_cfg(run, "checkpoint.resume=auto"))  # a live run holds the folder
+    with pytest.raises(RunDirError, match=rf"in use by pid {os.getpid()} "):
+        recipe.setup(_cfg(run, "checkpoint.resume=auto"))
+    holder.logger.close()  # what teardown does: the lock goes with the logger
+    recipe.setup(_cfg(run, "checkpoint.resume=auto")).logger.close()
+
+
+def test_resume_logs_each_step_once_and_brings_the_export_in_line(tmp_path):
+    from astrolabe_rl.policy import read_lora_file
+
+    run = tmp_path / "run"
+    crashed = recipe.setup(_cfg(run, "checkpoint.every=2"))
+    for _ in range(3):  # checkpoint at step 2, then a step the checkpoint does not hold
+        recipe.run_epoch(crashed)
+        if crashed.step == 2:
+            ema_at_2 = {k: v.clone() for k, v in crashed.policy.ema.items()}
+    crashed.logger.close()
+    del crashed  # killed after step 3
+    step2 = run / "checkpoints" / "step-000002"
+    assert _same_tensors(read_lora_file(step2), ema_at_2)  # the checkpoint is itself the EMA adapter, in peft format
+    assert json.loads((step2 / "adapter_config.json").read_text())["r"] == 4
+    assert _steps(run / "metrics.jsonl") == [1, 2, 3]
+
+    recipe.train(_cfg(run, "checkpoint.every=2", "checkpoint.resume=auto"))
+    assert _steps(run / "metrics.jsonl") == [1, 2, 3, 4]  # step 3 is logged once, by the resumed run
+    assert sorted(set(_steps(run / "tables" / "rollouts.jsonl"))) == [1, 2, 3, 4]
+    assert len(_steps(run / "tables" / "rollouts.jsonl")) == 4 * 4  # 2 prompts × 2 candidates per step, once
+    step4 = run / "checkpoints" / "step-000004"
+    final = read_lora_file(step4)
+    assert _same_tensors(read_lora_file(run / "adapter"), final)
+
+    # a kill after the final checkpoint, before the export: resuming the finished run rewrites the stale adapter
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (run / "adapter" / name).write_bytes((step2 / name).read_bytes())
+    recipe.train(_cfg(run, "checkpoint.every=2", "checkpoint.resume=auto"))
+    assert _same_tensors(read_lora_file(run / "adapter"), final) and not _same_tensors(final, ema_at_2)
+    assert _steps(run / "metrics.jsonl") == [1, 2, 3, 4]

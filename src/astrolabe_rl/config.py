@@ -122,6 +122,8 @@ class CheckpointConfig:
     keep_last: int = _f(3, "complete checkpoints kept")
     resume: str | None = _f(None, "auto (newest complete checkpoint in run_dir), a checkpoint path, or None")
     force_resume: bool = _f(False, "resume even if run-altering config values changed")
+    overwrite: bool = _f(False, "a fresh run into a run_dir that holds files moves them to <run_dir>.old-<UTC time> "
+                                "(without it such a run fails; astrolabe train --overwrite)")
 
 
 @dataclass

@@ -14,9 +14,12 @@ What it shows, on held-out prompts (colour-shape pairs never seen in pretraining
   own renders of the same prompts, all scored by the same rewards;
 * ``gap_closed = (after − before) / (real − before)`` of the combined reward, and per axis the paired change with
   its standard error (an axis "got worse" only if it fell by more than two standard errors);
-* ``out/before.mp4``, ``out/after.mp4``, ``out/real.mp4``: every held-out video tiled into one grid;
-* ``out/curves.png``: training reward, held-out reward, KL to the base and the hack monitor per epoch
-  (``out/run/plots/`` has every metric);
+* ``out/grid-seed<s>.png``: labelled stills, a row per held-out prompt, columns base / after / renders, a few frames
+  per cell;
+* ``out/curves.png``: training reward, held-out reward (with the base and renders levels), KL to the base and the
+  hack monitor (with its held-out before / after) per optimiser step (``out/run/plots/`` has every metric);
+* ``out/run/adapter``: the trained EMA adapter in peft format (``astrolabe generate --model toy --adapter ...``);
+  a rerun moves the previous ``out/run`` aside to ``out/run.old-<time>``;
 * one final JSON line on stdout (also ``out/summary.json``).
 """
 
@@ -54,7 +57,7 @@ def demo_config(out: Path, preset: str = "full", epochs: int | None = None, seed
 
     size = PRESETS[preset]
     base = [
-        f"run_dir={out / 'run'}", f"train.seed={seed}", *size["overrides"],
+        f"run_dir={out / 'run'}", "checkpoint.overwrite=true", f"train.seed={seed}", *size["overrides"],
         f"data.prompts={json.dumps(world.split('train'))}",
         f"data.eval_inline={json.dumps(world.eval_prompts(size['eval_prompts']))}",
         *([f"train.epochs={epochs}"] if epochs else []),
@@ -112,45 +115,87 @@ def compare(before: dict[str, Tensor], after: dict[str, Tensor], real: dict[str,
 # ------------------------------------------------------------------------------------------------ outputs
 
 
-def tile(videos: Tensor, cols: int, scale: int = 4, pad: int = 2) -> Tensor:
-    """``[N, T, 3, H, W]`` -> one grid video ``[T, 3, rows·(sH + pad) − pad, cols·(sW + pad) − pad]``, each clip
-    enlarged ``scale``× (nearest neighbour: the pixels are the data) on a white canvas."""
-    n, t, c, h, w = videos.shape
-    rows = math.ceil(n / cols)
-    big = torch.nn.functional.interpolate(videos.flatten(0, 1), scale_factor=scale, mode="nearest").view(
-        n, t, c, h * scale, w * scale)
-    hh, ww = h * scale + pad, w * scale + pad
-    grid = torch.ones(t, c, rows * hh - pad, cols * ww - pad)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        grid[:, :, r * hh: r * hh + h * scale, q * ww: q * ww + w * scale] = big[i]
-    return grid
+GRID_COLUMNS = {"before": "base", "after": "after RL (EMA)", "real": "renders (the world's own)"}
 
 
-def plot_curves(metrics_file: Path, out: Path) -> Path:
-    """One figure: training reward, held-out reward, KL to the base, hack monitor, each against the epoch."""
-    import matplotlib
+def frame_strip(video: Tensor, frames: int, pad: int = 1) -> Tensor:
+    """``[T, 3, H, W]`` -> one image ``[3, H, k·(W + pad) − pad]``: ``k = min(frames, T)`` frames evenly spaced from
+    the first to the last, left to right, on white."""
+    t, c, h, w = video.shape
+    picks = torch.linspace(0, t - 1, min(frames, t)).round().long()
+    strip = torch.ones(c, h, len(picks) * (w + pad) - pad)
+    for j, i in enumerate(picks.tolist()):
+        strip[:, :, j * (w + pad): j * (w + pad) + w] = video[i]
+    return strip
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    from astrolabe_rl.train.logging import read_metrics
+def still_grid(videos: dict[str, Tensor], prompts: list[str], n_seeds: int, seed_index: int, out: Path,
+               frames: int = 4) -> Path:
+    """One labelled PNG: a row per prompt, a column per source (`GRID_COLUMNS`: base / after / renders), each cell
+    ``frames`` frames of that prompt's video at seed number ``seed_index`` (the videos are ``[P·S, T, 3, H, W]``,
+    prompt-major). Prompts, column names and the frame times are written beside the images, never over them."""
+    import textwrap
+
+    from matplotlib.figure import Figure
+
+    names = [k for k in GRID_COLUMNS if k in videos]
+    t, _, h, w = videos[names[0]].shape[1:]
+    picks = torch.linspace(0, t - 1, min(frames, t)).round().long().tolist()
+    cell_w = 0.04 * len(picks) * (w + 1)  # inches: 0.04 in per pixel, so a 64-px frame is 2.6 in wide
+    fig = Figure(figsize=(2.4 + cell_w * len(names), 0.6 + 0.04 * (h + 12) * len(prompts)), layout="constrained")
+    axes = fig.subplots(len(prompts), len(names), squeeze=False)
+    for r, prompt in enumerate(prompts):
+        for c, name in enumerate(names):
+            ax = axes[r, c]
+            strip = frame_strip(videos[name][r * n_seeds + seed_index], frames)
+            ax.imshow(strip.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(GRID_COLUMNS[name], fontsize=10)
+            if c == 0:
+                ax.set_ylabel(textwrap.fill(prompt, 26), rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"held-out prompts, noise seed {seed_index}; each cell: frames {', '.join(map(str, picks))} "
+                 "left to right", fontsize=9)
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def plot_curves(metrics_file: Path, out: Path, levels: dict[str, Any] | None = None) -> Path:
+    """One figure: training reward, held-out reward, KL to the base, hack monitor, each against the optimiser step.
+
+    ``levels`` (`compare`'s output) adds reference lines measured on the demo's held-out set: the base model's and
+    the renders' combined reward on the held-out panel, and the hack monitor before and after training on its panel.
+    """
+    from matplotlib.figure import Figure
+
+    from astrolabe_rl.train.logging import integer_steps, read_metrics
 
     metrics = read_metrics(metrics_file)
     panels = [("reward/total", "training reward (combined)"), ("eval/reward/total", "held-out reward (EMA)"),
               ("loss/kl", "KL to base  ‖x̂0_θ − x̂0_ref‖²"), (f"monitor/{HACK_MONITOR}", "hack monitor: noise")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (key, title) in zip(axes, panels):
+    lines: dict[str, list[tuple[float, str, str]]] = {}  # panel key -> (level, label, style)
+    if levels is not None:
+        lines["eval/reward/total"] = [(levels["total"]["before"], "base (held-out)", "C3--"),
+                                      (levels["total"]["real"], "renders (held-out)", "C2--")]
+        hack = levels[HACK_MONITOR]
+        lines[f"monitor/{HACK_MONITOR}"] = [(hack["before"], "base (held-out)", "C3--"),
+                                            (hack["after"], "after (held-out)", "C1:")]
+    fig = Figure(figsize=(4 * len(panels), 3.4), layout="constrained")
+    for ax, (key, title) in zip(fig.subplots(1, len(panels)), panels):
         steps, values = metrics.get(key, ([], []))
         pts = [(step, v) for step, v in zip(steps, values) if not math.isnan(v)]
         if pts:
-            ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None)
+            ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label="per step")
+        for level, label, style in lines.get(key, []):
+            ax.axhline(level, color=style[:2], linestyle=style[2:], linewidth=1.2, label=f"{label} {level:.3g}")
+        if key in lines:
+            ax.legend(fontsize=7)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("epoch (optimiser step)")
+        ax.set_xlabel("optimiser step")
+        integer_steps(ax)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
 
 
@@ -182,7 +227,6 @@ def run_demo(out: str | Path | None = None, quick: bool = False, epochs: int | N
     """Train (the recipe's own loop), evaluate before/after on held-out prompts, write grids, curves and the
     summary; returns the summary. Each preset writes into its own folder (``runs/demo``, ``runs/demo-quick``)."""
     from astrolabe_rl.train import recipe
-    from astrolabe_rl.video import write_mp4
 
     start = time.perf_counter()
     preset = "quick" if quick else "full"
@@ -200,15 +244,20 @@ def run_demo(out: str | Path | None = None, quick: bool = False, epochs: int | N
         videos["real"] = real_videos(world.eval_prompts, seeds)
         held["results"] = compare(*(score(world, videos[k], seeds) for k in ("before", "after", "real")))
         held["summary"] = summarise(world, held["results"], seeds, preset)
+        held["prompts"] = world.eval_prompts
 
     recipe.train(cfg, recipe.Callbacks(on_start=before, on_end=after))
-    cols = len(seeds) * max(1, 4 // len(seeds))  # one prompt per row (two when there are only 1-2 seeds)
-    for name, clips in videos.items():
-        write_mp4(out / f"{name}.mp4", tile(clips, cols), fps=4)
-    plot_curves(Path(cfg.run_dir) / "metrics.jsonl", out / "curves.png")
+    write_outputs(out, Path(cfg.run_dir), videos, held["results"], held["prompts"], len(seeds))
     summary = {**held["summary"], "wall_s": round(time.perf_counter() - start, 1), "out": str(out)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def write_outputs(out: Path, run_dir: Path, videos: dict[str, Tensor], levels: dict[str, Any], prompts: list[str],
+                  n_seeds: int) -> list[Path]:
+    """The files a person reads: ``grid-seed<s>.png`` per noise seed (`still_grid`) and ``curves.png``."""
+    grids = [still_grid(videos, prompts, n_seeds, s, out / f"grid-seed{s}.png") for s in range(n_seeds)]
+    return [*grids, plot_curves(run_dir / "metrics.jsonl", out / "curves.png", levels)]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -22,6 +22,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.checkpoint.resume = args.resume
     if args.force_resume:
         cfg.checkpoint.force_resume = True
+    if args.overwrite:
+        cfg.checkpoint.overwrite = True
     metrics = train(cfg)
     print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("perf/")}, sort_keys=True))
     return 0
@@ -71,6 +73,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         if name == "train":
             p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint path")
             p.add_argument("--force-resume", action="store_true", help="resume although run-altering values changed")
+            p.add_argument("--overwrite", action="store_true",
+                           help="run_dir holds an earlier run: move it to <run_dir>.old-<UTC time> and start fresh")
         else:
             p.add_argument("--no-docs", action="store_true", help="plain YAML without comments")
 

@@ -276,9 +276,14 @@ def _plot_group(path: Path, title: str, series: dict[str, tuple[list[int], list[
 
 
 def integer_steps(ax: Any) -> None:
-    """Tick a matplotlib x axis at whole steps only (a few points would otherwise get ticks like 2.5)."""
+    """Tick a matplotlib x axis at whole steps only (a few points would otherwise get ticks like 2.5); call it after
+    plotting."""
     from matplotlib.ticker import MaxNLocator
 
+    lo, hi = ax.get_xlim()
+    if hi - lo < 1:  # one step: matplotlib pads it by ±0.1 and any locator then ticks fractions
+        mid = round((lo + hi) / 2)
+        ax.set_xlim(mid - 1, mid + 1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 

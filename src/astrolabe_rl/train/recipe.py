@@ -45,8 +45,11 @@ from astrolabe_rl.rewards.combine import combine_rewards
 from astrolabe_rl.rollout import rollout
 from astrolabe_rl.train import dist
 from astrolabe_rl.train.checkpoint import (
+    RunDirError,
+    RunDirLock,
     capture_rng,
     check_resume_compatible,
+    claim_run_dir,
     load_checkpoint,
     resolve_resume,
     restore_rng,
@@ -132,8 +135,37 @@ def model_source(cfg: Config) -> ModelSource:
 
 
 def setup(cfg: Config) -> World:
-    """Build the world: distributed context, model + adapters, optimiser, rewards, prompts, logger, resume."""
+    """Build the world: distributed context, model + adapters, optimiser, rewards, prompts, logger, resume.
+
+    The run folder is claimed first (`claim_run_dir`), so a second run into it fails before anything is built; the
+    logger holds its lock and gives it up when it closes (`teardown`, or here if setup fails).
+    """
     ctx = dist.init_distributed(None if cfg.model.device == "auto" else cfg.model.device)
+    lock = _claim_run_dir(cfg, ctx)
+    try:
+        return _build(cfg, ctx, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _claim_run_dir(cfg: Config, ctx: dist.DistContext) -> RunDirLock | None:
+    """Rank 0 takes the run folder (lock, fresh-run check, overwrite); every rank raises if it could not, so no rank
+    waits at a collective for one that stopped."""
+    lock, error = None, None
+    if ctx.is_main:
+        try:
+            lock = claim_run_dir(cfg.run_dir, resume=cfg.checkpoint.resume, overwrite=cfg.checkpoint.overwrite)
+        except RunDirError as e:
+            error = str(e)
+    errors = [e for e in dist.all_gather_object(ctx, error) if e]
+    if errors:
+        raise RunDirError(errors[0])
+    return lock
+
+
+def _build(cfg: Config, ctx: dist.DistContext, lock: RunDirLock | None) -> World:
     device, dtype = _device_and_dtype(cfg, ctx)
     family = get_family(cfg.model.family)
     num_frames = cfg.rollout.num_frames or family.horizon_frames
@@ -166,7 +198,7 @@ def setup(cfg: Config) -> World:
         sampler_plan=dist.GroupSampler(len(prompts), cfg.rollout.prompts_per_epoch, cfg.rollout.candidates,
                                        ctx.world_size, ctx.rank, cfg.train.seed),
         logger=RunLogger(Path(cfg.run_dir), tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
-                         wandb_project=cfg.log.wandb_project, config=to_dict(cfg), is_main=ctx.is_main),
+                         wandb_project=cfg.log.wandb_project, config=to_dict(cfg), is_main=ctx.is_main, owner=lock),
     )
     _maybe_resume(world)
     return world
@@ -176,6 +208,8 @@ def _maybe_resume(world: World) -> None:
     cfg = world.cfg
     path = resolve_resume(Path(cfg.run_dir), cfg.checkpoint.resume)
     if path is None:
+        if cfg.checkpoint.resume is not None:  # resume=auto before the first checkpoint: the run starts over
+            world.logger.rewind(0, epoch=0)
         return
     state = load_checkpoint(path, rank=world.ctx.rank)
     check_resume_compatible(state["config"], to_dict(cfg), CRITICAL_KEYS, cfg.checkpoint.force_resume)
@@ -185,6 +219,7 @@ def _maybe_resume(world: World) -> None:
     world.step, world.epoch = state["trainer"]["step"], state["trainer"]["epoch"]
     world.sampler_plan.load_state_dict(state["trainer"]["sampler"])
     restore_rng(state["rng"])
+    world.logger.rewind(world.step, epoch=world.epoch)  # what was logged after the checkpoint is logged again
     if world.ctx.is_main:
         print(f"resumed from {path} at step {world.step}")
 
@@ -482,8 +517,15 @@ def save(world: World) -> None:
     save_checkpoint(
         Path(world.cfg.run_dir), world.step, state, config=to_dict(world.cfg), keep_last=world.cfg.checkpoint.keep_last,
         rank=world.ctx.rank, barrier=lambda: dist.barrier(world.ctx),
+        export=world.policy.save_adapter,  # the EMA adapter in peft format: each checkpoint is an adapter folder
     )
-    if world.ctx.is_main:  # the EMA adapter in peft format, ready for `astrolabe merge-lora`
+
+
+def export_adapter(world: World) -> None:
+    """``run_dir/adapter``: the EMA adapter in peft format (for ``--adapter`` and ``astrolabe merge-lora``), each file
+    replaced atomically. Written at the end of `train`, also when a finished run is resumed, so it always matches the
+    run's last state."""
+    if world.ctx.is_main:
         world.policy.save_adapter(Path(world.cfg.run_dir) / "adapter")
 
 
@@ -566,6 +608,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None) -> dict[str, float]:
                 callbacks.on_epoch(world, metrics)
         if bar is not None:
             bar.close()
+        export_adapter(world)
         if callbacks.on_end:
             callbacks.on_end(world)
     finally:
