@@ -1,17 +1,21 @@
 """Distil the shipped toy student the way Self-Forcing does it (`reference/distillation.md`, `ar_models.md` §2.5–§2.7).
 
-    python -m astrolabe_rl.toy.distill                                  # rebuilds weights/toy.safetensors (~1 h, 2 cores)
+    python -m astrolabe_rl.toy.distill --compare      # rebuilds weights/toy.safetensors (~25 min on 2 cores)
     python -m astrolabe_rl.toy.distill --smoke --work /tmp/d --out /tmp/student.safetensors      # a few steps each
 
 Three stages, each resumable (an interrupted run started again with the same arguments continues where it stopped):
 
 1. **Teacher.** A bidirectional many-step flow model: `toy.pretrain` with one σ per clip and one attention block
-   spanning the clip, started from the flow-matching base ``toy_fm`` (its weights already know the world; the
-   bidirectional fine-tune only changes what each frame may attend to). Written to ``WORK/teacher.safetensors``.
-2. **ODE-regression init** (CausVid). The teacher's deterministic Euler ODE (``--ode-steps`` steps on the shift-5
-   grid) maps noise to x0; the states at the student's grid σ ∈ {1, .9375, .8333, .625} are kept. The causal
-   student, started from ``toy_fm`` (itself a teacher-forcing init), learns each block's map state → ODE x0 under
-   the teacher-forcing mask (clean context = the ODE's x0):  L = ‖x_σ − σ·v_θ(x_σ) − x0_ODE‖².
+   spanning the clip, fine-tuned from the flow-matching base ``toy_fm`` (its weights already know the world; the
+   fine-tune changes what each frame may attend to, and half its clips take σ ~ U(0, 1) so that the teacher is
+   accurate at the low σ its score is queried at). Written to ``WORK/teacher.safetensors``.
+2. **Initialisation.** Default: teacher forcing. The student starts from ``toy_fm``, which *is* a
+   teacher-forcing init (block-causal flow matching with clean context). With ``--ode-train-steps N > 0``:
+   CausVid's ODE regression on top: the teacher's Euler ODE (``--ode-steps`` on the shift-5 grid) maps noise to x0,
+   the states at the student's grid σ ∈ {1, .9375, .8333, .625} are kept, and the student learns each block's
+   map state → ODE x0 under the teacher-forcing mask:  L = ‖x_σ − σ·v_θ(x_σ) − x0_ODE‖². (On 2 cores the
+   teacher's short fine-tune leaves noise in its ODE samples, which ODE regression copies into the student: the
+   default skips it.)
 3. **DMD** on the student's own autoregressive rollouts (Self-Forcing). Per iteration:
    * roll out: each block is denoised against a KV cache of the student's own clean outputs; one exit step
      k ~ U{0..3} (the same for every block) runs with gradient, earlier steps and every cache commit without;
@@ -20,11 +24,12 @@ Three stages, each resumable (an interrupted run started again with the same arg
    * generator, every ``--critic-ratio``-th iteration: ``x_t = (1−σ)·x̂ + σ·ε``; x0_real, x0_fake from teacher
      and critic without gradient; ``g = (x0_fake − x0_real) / mean|x̂ − x0_real|`` (per sample);
      ``L_G = ½·mean‖x̂ − sg(x̂ − g)‖²`` (its gradient w.r.t. x̂ is g/numel);
-   * Adam β = (0, 0.999), EMA 0.99 of the generator from ``--ema-start``; the EMA is what ships.
+   * Adam β = (0, 0.999), an EMA of the generator from ``--ema-start``; the EMA is what ships.
 
 Every draw (prompts, noise, exit steps, σ) comes from one generator seeded by ``--seed``; the state file holds it,
 so a resumed run continues the same stream. Prompts are the train split only: held-out pairs stay unseen.
-The record (``OUT.json``) holds the recipe, each stage's loss curve and its wall time.
+The record (``OUT.json``) holds the recipe, each stage's loss curve and its wall time; ``--compare`` adds the
+student's, the base's and the renders' oracle figures on the test split.
 """
 
 from __future__ import annotations
@@ -52,8 +57,8 @@ from astrolabe_rl.toy.text import ToyTextEncoder
 # fm base, the rates are far above Self-Forcing's (2e-6 / 4e-7 for 1.3B at batch 64), the critic ratio 3 instead
 # of 5 and the EMA shorter (0.99 over 600 generator steps there; 0.95 over 80 here), as a 4-layer toy in minutes needs.
 DEFAULTS = dict(
-    seed=0, teacher_steps=100, teacher_lr=3e-4, batch=16, ode_pairs=128, ode_steps=16, ode_train_steps=60,
-    ode_lr=2e-4, dmd_iters=240, dmd_batch=6, lr_gen=2e-4, lr_critic=2e-4, critic_ratio=3, ema=0.95, ema_start=60,
+    seed=0, teacher_steps=150, teacher_lr=3e-4, batch=16, ode_pairs=128, ode_steps=16, ode_train_steps=0,
+    ode_lr=2e-4, dmd_iters=240, dmd_batch=6, lr_gen=1e-4, lr_critic=2e-4, critic_ratio=3, ema=0.95, ema_start=60,
 )
 SMOKE = dict(teacher_steps=3, ode_pairs=8, ode_steps=8, ode_train_steps=3, dmd_iters=6, ema_start=2, batch=4,
              dmd_batch=2)
@@ -186,7 +191,7 @@ def distill(args: argparse.Namespace) -> dict:
         pt.pretrain(args.teacher_steps, args.batch, args.teacher_lr, warmup=min(50, args.teacher_steps),
                     weight_decay=0.01, ema=0.99, seed=args.seed, caption_noise=pt.DEFAULTS["caption_noise"],
                     out=teacher_path, bidirectional=True, init=Path(args.base), save_every=20, log_every=10,
-                    mean_target=False)
+                    mean_target=False, uniform_sigma_share=0.5)
     teacher_record = json.loads(teacher_path.with_suffix(".json").read_text())
     teacher = load_toy_model(teacher_path)
     encoder, prompts = ToyTextEncoder(), world.split("train")
@@ -201,9 +206,9 @@ def distill(args: argparse.Namespace) -> dict:
         run, _ = state["run"], g.set_state(state["generator"])
         _log({"resumed": run["stage"], "step": run["step"]})
 
-    # ---- 2a. ODE pairs from the teacher (kept in the work folder)
+    # ---- 2a. ODE pairs from the teacher (kept in the work folder); none for a teacher-forcing init
     pairs_file = work / "ode_pairs.pt"
-    if not pairs_file.is_file():
+    if args.ode_train_steps > 0 and not pairs_file.is_file():
         t0 = time.perf_counter()
         pg = torch.Generator().manual_seed(args.seed + 2)
         picks = torch.randint(len(prompts), (args.ode_pairs,), generator=pg).tolist()
@@ -214,8 +219,9 @@ def distill(args: argparse.Namespace) -> dict:
             chunks.append(ode_pairs(teacher, encoder([prompts[j] for j in sel]), noise, args.ode_steps))
         torch.save({"picks": picks, "states": torch.cat([c[0] for c in chunks]).half(),
                     "x0": torch.cat([c[1] for c in chunks]).half(), "wall": time.perf_counter() - t0}, pairs_file)
-    pairs = torch.load(pairs_file, weights_only=False)
-    run["wall"]["ode_data"] = round(pairs["wall"], 1)
+    if args.ode_train_steps > 0:
+        pairs = torch.load(pairs_file, weights_only=False)
+        run["wall"]["ode_data"] = round(pairs["wall"], 1)
 
     student = _trainable(Path(args.base))
     critic = _trainable(teacher_path)
@@ -310,8 +316,11 @@ def distill(args: argparse.Namespace) -> dict:
         "kind": "DMD-distilled 4-step causal student (Self-Forcing recipe)", "recipe": recipe,
         "teacher": {k: teacher_record[k] for k in ("steps", "lr", "attention", "init", "sigma_sampling",
                                                     "caption_noise", "val_loss", "wall_s", "curve")},
+        "student_init": "ODE regression on the teacher's ODE pairs" if args.ode_train_steps else
+        "teacher forcing: the fm base (block-causal teacher-forced flow matching on the world's clips), no ODE stage",
         "ode_regression": {"pairs": args.ode_pairs, "teacher_ode_steps": args.ode_steps,
-                           "student_grid_sigmas": [round(s, 5) for s in grid_sigmas()], "curve": run["ode_curve"]},
+                           "student_grid_sigmas": [round(s, 5) for s in grid_sigmas()], "curve": run["ode_curve"]}
+        if args.ode_train_steps else None,
         "dmd": {"t_range": T_RANGE, "adam_betas": [0.0, 0.999], "clip_grad_norm": 10.0, "curve": run["dmd_curve"],
                 "generator_steps": math.ceil(args.dmd_iters / args.critic_ratio)},
         "wall_s": {k: round(v, 1) for k, v in run["wall"].items()} | {"teacher": teacher_record["wall_s"]},

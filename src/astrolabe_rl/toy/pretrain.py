@@ -1,6 +1,6 @@
-"""Pretrain the shipped toy model: flow matching with block-causal teacher forcing on the toy world.
+"""Pretrain the toy flow-matching base (``toy_fm``): flow matching with block-causal teacher forcing on the toy world.
 
-    python -m astrolabe_rl.toy.pretrain                       # rebuilds weights/toy.safetensors (2 CPU cores, ~35 min)
+    python -m astrolabe_rl.toy.pretrain                       # rebuilds weights/toy_fm.safetensors (2 cores, ~35 min)
     python -m astrolabe_rl.toy.pretrain --steps 5 --out /tmp/toy.safetensors    # smoke
 
 One step (DESIGN §3 flow convention):
@@ -23,7 +23,8 @@ every sample (say, never moved the object) would leave nothing to reward within 
 
 The weights saved are an EMA of the trained ones, stored in float16 (half the bytes; the model runs in float32).
 Nothing here distils: sampled with the 4-step causal sampler the model is blurry and imprecise (it predicts x̂0
-from σ = 0.625 at the last step, a posterior mean), like a distilled student, which is what the demo aligns.
+from σ = 0.625 at the last step, a posterior mean). The shipped ``toy`` model is the student `toy.distill` makes
+from it (a bidirectional teacher fine-tuned from it with ``bidirectional=True``, then ODE regression and DMD).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from astrolabe_rl.models.families import get_family
 from astrolabe_rl.models.schedule import shift_sigma, sigma_of
 from astrolabe_rl.models.wan import CausalWan
 from astrolabe_rl.toy import vae, world
-from astrolabe_rl.toy.model import WEIGHTS, load_toy_model, save_weights
+from astrolabe_rl.toy.model import FM_WEIGHTS, load_toy_model, save_weights
 from astrolabe_rl.toy.text import ToyTextEncoder
 
 DEFAULTS = dict(steps=2400, batch=16, lr=1e-3, warmup=50, weight_decay=0.01, ema=0.995, seed=0, caption_noise=0.25)
@@ -141,7 +142,7 @@ def validation_loss(model: CausalWan, encoder: ToyTextEncoder, grid: tuple[float
 def pretrain(
     steps: int, batch: int, lr: float, warmup: int, weight_decay: float, ema: float, seed: int, caption_noise: float,
     out: Path, log_every: int = 50, save_every: int = 100, bidirectional: bool = False, init: Path | None = None,
-    mean_target: bool = True,
+    mean_target: bool = True, uniform_sigma_share: float = 0.0,
 ) -> dict:
     """Train from scratch (or from the weights file ``init``) and write ``out`` (+ ``out.json`` with the recipe and
     results). Returns the record.
@@ -150,6 +151,8 @@ def pretrain(
     (every frame sees every other), instead of one σ per 3-frame block under the block-causal teacher-forcing mask.
     ``mean_target``: the first block's σ = 1 target is ε − E[x0 | caption] (`prompt_mean`: 64 renders per caption
     on its first use, worth it over thousands of steps, not in a short fine-tune); off, it is the sample's ε − x0.
+    ``uniform_sigma_share``: that share of the clips takes σ ~ U(0, 1) instead (the teacher's many-step ODE and
+    DMD's score queries need accurate velocities at low σ, which the shifted grid rarely visits).
 
     Every ``save_every`` steps the full state (weights, EMA, optimiser, schedule, data/noise generator, curve) goes
     to ``out.with_suffix(".state.pt")``; a run started with the same arguments resumes from it bit-exactly, so an
@@ -173,7 +176,7 @@ def pretrain(
         raise ValueError(f"caption_noise is a probability; got {caption_noise}")
     run = {"step": 0, "running": None, "history": [], "wall": 0.0, "cpu": 0.0,
            "args": [steps, batch, lr, warmup, weight_decay, ema, seed, caption_noise, bidirectional,
-                    None if init is None else str(init), mean_target]}
+                    None if init is None else str(init), mean_target, uniform_sigma_share]}
     state_file = out.with_suffix(".state.pt")
     if state_file.is_file():
         run = _resume(state_file, run, model, shadow, opt, sched, g)
@@ -182,6 +185,9 @@ def pretrain(
         picks, x0 = batch_of(step, batch, seed, prompts, caption_noise, g)
         blocks = 1 if bidirectional else x0.shape[1] // family.sampler.frames_per_block
         sig = sample_sigmas(batch, blocks, grid, shift, g)
+        if uniform_sigma_share > 0:  # no extra draws otherwise: the base's data stream stays as it was built
+            uniform = torch.rand(batch, blocks, generator=g, dtype=torch.float64).clamp_min(1e-3)
+            sig = torch.where(torch.rand(batch, 1, generator=g) < uniform_sigma_share, uniform, sig)
         loss = flow_loss(model, x0, encoder([prompts[i] for i in picks]), sig, torch.randn(x0.shape, generator=g),
                          torch.stack([prompt_mean(prompts[i], caption_noise) for i in picks]) if mean_target else None)
         opt.zero_grad(set_to_none=True)
@@ -210,7 +216,8 @@ def pretrain(
         "attention": "bidirectional" if bidirectional else "block-causal (3-frame blocks, teacher forcing)",
         "init": None if init is None else Path(init).name,
         "sigma_sampling": ("per clip" if bidirectional else "per 3-frame block")
-        + ": 1/2 sampler grid, 1/2 shift5(U(0,1))",
+        + ": 1/2 sampler grid, 1/2 shift5(U(0,1))"
+        + (f"; a share {uniform_sigma_share} of the clips U(0,1) instead" if uniform_sigma_share else ""),
         "first_block_sigma1_target": "eps - E[x0 | caption] (64-sample mean over seeds and caption errors)"
         if mean_target else "eps - x0 (the sample's own)",
         "final_train_loss_smoothed": round(run["running"], 5),
@@ -253,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="weights, data and noise seed")
     p.add_argument("--caption-noise", type=float, default=DEFAULTS["caption_noise"],
                    help="probability that each of a clip's colour/shape/direction/speed differs from its caption")
-    p.add_argument("--out", type=Path, default=WEIGHTS, help="output .safetensors (a .json record is written next to it)")
+    p.add_argument("--out", type=Path, default=FM_WEIGHTS,
+                   help="output .safetensors (a .json record is written next to it)")
     args = p.parse_args(argv)
     record = pretrain(args.steps, args.batch, args.lr, args.warmup, args.weight_decay, args.ema, args.seed,
                       args.caption_noise, args.out)
