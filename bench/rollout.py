@@ -1,7 +1,10 @@
 """Benchmark: wall-clock of the streaming few-step sampler (`astrolabe_rl.rollout.rollout`) plus the VAE decode.
 
 What it measures
-    The DiT time of one complete video: the 4-step Self-Forcing sampler over 7 blocks of 3 latent frames with the
+    The DiT time of one complete video, through the path training samples with (``--path recipe``, the default):
+    the policy's merged sampling copy (`Policy.sampling_model`: θ_old's LoRA r``--rank`` folded into a plain bf16
+    CausalWan, blocks compiled on CUDA), or the bare base model (``--path base``). ``merge_s_median`` is the time of
+    one refresh of that copy (what each optimiser step adds). The sampler: the 4-step Self-Forcing sampler over 7 blocks of 3 latent frames with the
     global KV cache (denoise + commit passes), text cross-attention K/V included, the text encoder excluded. The model
     is the full Wan2.1-T2V-1.3B architecture (``get_family("self_forcing")``: 30 layers, width 1536) with RANDOM
     weights (speed does not depend on them), bf16 on CUDA, latent 60×104 (480×832 pixels), 21 latent frames = 81
@@ -17,6 +20,7 @@ What it measures
     ``frames_per_s`` = batch · pixel_frames / (median DiT s + median decode s): end to end, decode included.
     ``peak_mem_gb`` = ``torch.cuda.max_memory_allocated`` (reset per batch size; on CPU the process's peak RSS).
     ``cache_kv_gb`` = size of the self-attention KV cache (+ text K/V) the sampler preallocates for that batch.
+    ``peak_mem_gb`` is reset before each batch size, and again before its decode (``decode_peak_mem_gb``).
     ``text_kv_s_median`` = time of ``model.encode_text`` alone (the projected text and every layer's cross-attn K/V),
     which is part of ``dit_s_median``.
 
@@ -33,12 +37,14 @@ Output
          "decode_s_median": ..., "frames_per_s": ..., "peak_mem_gb": ..., "cache_kv_gb": ...}, ...], "torch": "2.x"}
 
 Usage
-    python bench/rollout.py                      # full 1.3B + full VAE on CUDA, bf16, batches 1 and 8
-    python bench/rollout.py --batches 8 --repeats 5 --compile --decode-compile --compare-reference
+    python bench/rollout.py                      # recipe path: full 1.3B + LoRA merged, full VAE, CUDA, batches 1, 8
+    python bench/rollout.py --path base --no-compile   # the bare model, eager
+    python bench/rollout.py --batches 8 --repeats 5 --decode-compile --compare-reference
     python bench/rollout.py --tiny               # 2-layer model + tiny VAE on CPU in float32 (CI; seconds)
     python bench/rollout.py --decode none        # DiT only: needs nothing but torch
 
-torch and `astrolabe_rl.models` / `astrolabe_rl.rollout` are imported at start; diffusers only when decoding.
+torch and `astrolabe_rl.models` / `astrolabe_rl.rollout` are imported at start; peft only for ``--path recipe``,
+diffusers only when decoding.
 """
 
 from __future__ import annotations
@@ -101,17 +107,18 @@ def _timed(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
     return times
 
 
-def _compile_blocks(model: CausalWan) -> str:
-    """torch.compile every DiT block in place (parameter names unchanged). Returns what was done."""
-    if model.device.type != "cuda":
-        return "skipped (not on CUDA)"
-    if not hasattr(torch.nn.Module, "compile"):
-        return "skipped (torch too old)"
-    # Key lengths grow block by block (the cache fills): let dynamo mark them dynamic, and allow enough variants.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for block in model.blocks:
-        block.compile()
-    return "blocks"
+def _sampling_model(args: argparse.Namespace, model: CausalWan) -> tuple[CausalWan, dict]:
+    """The model the sampler runs: the recipe's merged copy of a LoRA policy, or the bare model. Returns it and the
+    fields it adds to the output (merge time)."""
+    if args.path == "base":
+        return model, {"compile": model.compile_blocks(args.compile)}
+    from astrolabe_rl.policy import Policy
+
+    policy = Policy(model, rank=args.rank, alpha=float(args.rank), seed=args.seed, compile_sampling=args.compile)
+    sampling = policy.sampling_model()
+    merge_times = _timed(policy.refresh_sampling_copy, model.device, 1, args.repeats)
+    return sampling, {"compile": sampling.compiled, "lora_rank": args.rank,
+                      "merge_s_median": statistics.median(merge_times)}
 
 
 def _build_vae(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
@@ -157,7 +164,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--candidates", type=int, default=1, help="videos per prompt (batch = prompts × candidates)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size first")
-    p.add_argument("--compile", action="store_true", help="torch.compile each DiT block (CUDA only; else skipped)")
+    p.add_argument("--path", default="recipe", choices=["recipe", "base"],
+                   help="recipe: the policy's merged bf16 sampling copy (what training samples with); base: bare model")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank of the recipe path's policy, alpha = rank "
+                   "(default 256; 4 with --tiny)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each DiT block (default: on CUDA)")
     p.add_argument("--attn-backend", default="auto", choices=["auto", "sdpa", "flex"])
     p.add_argument("--decode", default="fast", choices=["fast", "reference", "none"],
                    help="VAE decode after the rollout: our WanVAE streaming decoder, diffusers' decode, or skip")
@@ -169,6 +181,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time diffusers' decode and report the speed-up and max |fast - reference|")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.rank is None:
+        args.rank = 4 if args.tiny else 256
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
     if args.warmup < 0:
@@ -194,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = CausalWan(cfg)
     model = model.to(dtype).eval().requires_grad_(False)
     model.attn_backend = args.attn_backend
-    compiled = _compile_blocks(model) if args.compile else "off"
+    model, path_fields = _sampling_model(args, model)
     fast_vae, reference_vae = _build_vae(args, device, dtype)
 
     tpf = cfg.tokens_per_frame(hh, ww)
@@ -254,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
         "latent_hw": [hh, ww],
         "steps": len(sampler.steps.timesteps),
         "frames_per_block": sampler.frames_per_block,
-        "compile": compiled,
+        "path": args.path,
+        **path_fields,
         "attn_backend": args.attn_backend,
         "decode": args.decode,
         "decode_chunk": args.decode_chunk,

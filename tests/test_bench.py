@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "rollout.py"
 
@@ -43,3 +45,50 @@ def test_rollout_bench_tiny_emits_one_json_line():
         for key in ("dit_s_median", "dit_frames_per_s", "peak_mem_gb", "cache_kv_gb", "text_kv_s_median"):
             assert _positive(r[key]), (key, r)
         assert math.isclose(r["dit_frames_per_s"], r["batch"] * out["pixel_frames"] / r["dit_s_median"])
+
+
+def test_gpu_suite_tiny_runs_on_a_cpu_and_prints_one_table():
+    env = dict(os.environ, PYTHON=sys.executable, REWARDS="aesthetic")
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--tiny"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("gpu_suite on cpu") and "do not apply" in lines[1]
+    table = {line[:36].strip(): line[36:].split() for line in lines[3:]}
+    for measure in ("rollout b1 DiT frames/s", "rollout b8 end-to-end frames/s", "decode b8 s/video",
+                    "sampling-copy merge s", "train step s/sample", "reward aesthetic s/video"):
+        assert _positive(float(table[measure][0])), measure
+    assert "x public" not in proc.stdout  # no anchor ratios for a tiny CPU run
+
+
+def test_rollout_bench_recipe_path_is_the_merged_sampling_copy(monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import rollout as bench_rollout
+
+    from astrolabe_rl.policy import Policy
+
+    built = []
+    real = Policy.sampling_model
+    monkeypatch.setattr(Policy, "sampling_model", lambda self: built.append(real(self)) or built[-1])
+    out = bench_rollout.main(["--tiny", "--repeats", "1", "--warmup", "0", "--batches", "1", "--decode", "none"])
+    assert out["path"] == "recipe" and out["lora_rank"] == 4 and _positive(out["merge_s_median"])
+    assert built  # the timed sampler ran through Policy.sampling_model
+    base = bench_rollout.main(["--tiny", "--repeats", "1", "--warmup", "0", "--batches", "1", "--decode", "none",
+                               "--path", "base"])
+    assert base["path"] == "base" and "merge_s_median" not in base
+
+
+def test_reward_bench_gives_every_call_a_fresh_video():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import rewards as bench_rewards
+
+    seen = []
+    made = iter(range(100))
+
+    def make():
+        next(made)
+        return torch.rand(1, 2, 3, 8, 8)
+
+    bench_rewards.measure(lambda videos, prompts: seen.append(videos), make, ["p"], repeats=3, warmup=2)
+    assert len(seen) == 5 and len({id(v) for v in seen}) == 5
+    assert all(not torch.equal(seen[0], v) for v in seen[1:])
