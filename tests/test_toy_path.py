@@ -88,3 +88,16 @@ def _prompt_file(tmp_path) -> str:
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(PROMPTS) + "\n")
     return str(path)
+
+
+def test_rerunning_the_demo_moves_its_previous_run_aside(tmp_path):
+    from astrolabe_rl.toy.demo import demo_config
+    from astrolabe_rl.train.checkpoint import claim_run_dir
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')  # what the previous `astrolabe demo` left
+    cfg = demo_config(tmp_path, "quick")
+    assert cfg.run_dir == str(tmp_path / "run") and cfg.checkpoint.overwrite and cfg.checkpoint.resume is None
+    claim_run_dir(cfg.run_dir, resume=cfg.checkpoint.resume, overwrite=cfg.checkpoint.overwrite).release()
+    (aside,) = tmp_path.glob("run.old-*")
+    assert (aside / "metrics.jsonl").is_file() and not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -200,8 +200,8 @@ def _encoder_id(family: Family, source: ModelSource, dtype: torch.dtype) -> str:
 
 
 def resolve_adapter(path: str | Path) -> Path:
-    """The peft adapter folder behind a user's path: the folder itself (``adapter_model.safetensors``), a run folder
-    (its ``adapter/``), or a checkpoint folder (its ``adapter/``, the EMA adapter saved with it)."""
+    """The peft adapter folder behind a user's path: the folder itself (``adapter_model.safetensors``; a checkpoint
+    folder is one, holding the EMA adapter saved with it) or a run folder (its ``adapter/``)."""
     p = Path(path)
     for candidate in (p, p / "adapter"):
         if (candidate / "adapter_model.safetensors").is_file() or (candidate.is_file() and candidate.suffix in
@@ -209,7 +209,7 @@ def resolve_adapter(path: str | Path) -> Path:
             return candidate
     raise ModelFilesError(
         f"no adapter at {p}: expected a peft folder with adapter_model.safetensors, a run folder with adapter/, or "
-        "a checkpoint folder (run/checkpoints/step-XXXXXX) with adapter/"
+        "a checkpoint folder (run/checkpoints/step-XXXXXX)"
     )
 
 
