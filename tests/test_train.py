@@ -308,3 +308,13 @@ def test_resume_logs_each_step_once_and_brings_the_export_in_line(tmp_path):
     recipe.train(_cfg(run, "checkpoint.every=2", "checkpoint.resume=auto"))
     assert _same_tensors(read_lora_file(run / "adapter"), final) and not _same_tensors(final, ema_at_2)
     assert _steps(run / "metrics.jsonl") == [1, 2, 3, 4]
+
+
+def test_train_command_overwrite_flag_sets_the_config(tmp_path, monkeypatch):
+    from astrolabe_rl import cli
+
+    seen = []
+    monkeypatch.setattr(recipe, "train", lambda cfg: seen.append(cfg) or {})
+    assert cli.main(["train", "--config", "configs/smoke.yaml", f"run_dir={tmp_path}"]) == 0
+    assert cli.main(["train", "--config", "configs/smoke.yaml", "--overwrite", f"run_dir={tmp_path}"]) == 0
+    assert [cfg.checkpoint.overwrite for cfg in seen] == [False, True]
