@@ -139,9 +139,9 @@ class Costs:
         """JSON-ready figures: TFLOPs by class and dtype, GB moved, syncs, and the arithmetic / bandwidth limits."""
         bf16 = self.flops_of(dtype="bfloat16") + self.flops_of(dtype="float16")
         fp32 = self.flops_of(dtype="float32") + self.flops_of(dtype="float64")
-        masked = self.flops_of("attention_masked")
-        if masked_share is not None:  # flex attention skips the masked tiles: count only the visible share
-            bf16 -= masked * (1 - masked_share) * (self.flops_of("attention_masked", "bfloat16") / max(masked, 1))
+        if masked_share is not None:  # flex attention skips the masked tiles (forward, backward, recompute)
+            masked = sum(v for (k, d), v in self.flops.items() if k.startswith("attention_masked") and d != "float32")
+            bf16 -= masked * (1 - masked_share)
         out = {
             "tflops": {f"{k}/{d}": v / 1e12 for (k, d), v in sorted(self.flops.items())},
             "tflops_bf16": bf16 / 1e12,
