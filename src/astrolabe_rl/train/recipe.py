@@ -245,7 +245,8 @@ def sample_videos(world: World, model: CausalWan, prompts: list[str],
 
 
 def rollout_phase(world: World, plan: list[dist.Sample]) -> Batch:
-    """θ_old samples every planned video, in micro-batches.
+    """θ_old samples every planned video, in micro-batches, through `Policy.sampling_model` (θ_old merged into a
+    plain DiT in the base's dtype: rollouts cost what the bare model costs, which is what `bench/rollout.py` times).
 
     Each micro-batch is decoded and handed to the scorer at once, so with ``rewards.async_scoring`` the rewards of
     micro-batch k run while micro-batch k+1 is sampled.
@@ -253,11 +254,10 @@ def rollout_phase(world: World, plan: list[dist.Sample]) -> Batch:
     prompts = [world.prompts[s.prompt_id] for s in plan]
     seeds = [s.seed_for_noise for s in plan]
     latents, pending, first_videos = [], [], None
-    with world.policy.use("old") as model:
-        for sl, lat, videos in sample_videos(world, model, prompts, seeds):
-            latents.append(lat)
-            first_videos = videos if first_videos is None else first_videos
-            pending.append(world.scorer.submit(videos, prompts[sl]))
+    for sl, lat, videos in sample_videos(world, world.policy.sampling_model(), prompts, seeds):
+        latents.append(lat)
+        first_videos = videos if first_videos is None else first_videos
+        pending.append(world.scorer.submit(videos, prompts[sl]))
     device = latents[0].device
     return Batch(
         latents=torch.cat(latents),
