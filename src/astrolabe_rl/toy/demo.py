@@ -141,8 +141,8 @@ def still_grid(videos: dict[str, Tensor], prompts: list[str], n_seeds: int, seed
     names = [k for k in GRID_COLUMNS if k in videos]
     t, _, h, w = videos[names[0]].shape[1:]
     picks = torch.linspace(0, t - 1, min(frames, t)).round().long().tolist()
-    cell_w = 0.04 * len(picks) * (w + 1)  # inches: 0.04 in per pixel, so a 64-px frame is 2.6 in wide
-    fig = Figure(figsize=(2.4 + cell_w * len(names), 0.6 + 0.04 * (h + 12) * len(prompts)), layout="constrained")
+    cell_w = 0.03 * len(picks) * (w + 1)  # inches: 0.03 in per pixel (3 px at 100 dpi), a 64-px frame 1.9 in
+    fig = Figure(figsize=(2.4 + cell_w * len(names), 0.6 + 0.03 * (h + 16) * len(prompts)), layout="constrained")
     axes = fig.subplots(len(prompts), len(names), squeeze=False)
     for r, prompt in enumerate(prompts):
         for c, name in enumerate(names):
@@ -152,11 +152,11 @@ def still_grid(videos: dict[str, Tensor], prompts: list[str], n_seeds: int, seed
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(GRID_COLUMNS[name], fontsize=10)
+                ax.set_title(GRID_COLUMNS[name], fontsize=12)
             if c == 0:
-                ax.set_ylabel(textwrap.fill(prompt, 26), rotation=0, ha="right", va="center", fontsize=8)
+                ax.set_ylabel(textwrap.fill(prompt, 26), rotation=0, ha="right", va="center", fontsize=10)
     fig.suptitle(f"held-out prompts, noise seed {seed_index}; each cell: frames {', '.join(map(str, picks))} "
-                 "left to right", fontsize=9)
+                 "left to right", fontsize=11)
     fig.savefig(out, dpi=100)
     return out
 
