@@ -145,20 +145,23 @@ needs_weights = pytest.mark.skipif(
 
 
 @needs_weights
-def test_shipped_weights_load_and_are_on_prompt():
+@pytest.mark.parametrize("which, keys", [("toy", {"recipe", "teacher", "dmd", "oracle_comparison", "model", "wall_s"}),
+                                         ("toy_fm", {"seed", "steps", "val_loss", "model", "wall_s"})])
+def test_shipped_weights_load_and_are_on_prompt(which, keys):
     from astrolabe_rl.models.wan import CausalWan
     from astrolabe_rl.rollout import rollout
-    from astrolabe_rl.toy.model import WEIGHTS, load_toy_model
+    from astrolabe_rl.toy.model import FM_WEIGHTS, WEIGHTS, load_toy_model
 
-    record = json.loads(WEIGHTS.with_suffix(".json").read_text())
-    assert {"seed", "steps", "val_loss", "model", "wall_s"} <= set(record)
+    path = {"toy": WEIGHTS, "toy_fm": FM_WEIGHTS}[which]  # the distilled student and the fm base it came from
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert keys <= set(record)
     assert record["model"] == json.loads(json.dumps(get_family("toy").model.to_dict()))  # the geometry it was built with
     fam = get_family("toy")
     prompts = world.eval_prompts(8)
     text = ToyTextEncoder()(prompts)
     torch.manual_seed(0)
     scores = {}
-    for name, model in (("shipped", load_toy_model()), ("random", CausalWan(fam.model).eval())):
+    for name, model in (("shipped", load_toy_model(path)), ("random", CausalWan(fam.model).eval())):
         z = rollout(model, text, num_frames=9, latent_hw=fam.latent_hw, sampler=fam.sampler, seeds=0).latents
         scores[name] = R.text_alignment(vae.decode(z), prompts).mean() + R.motion(vae.decode(z), prompts).mean()
     # held-out prompts, one seed: the shipped base scores ≈ 0.50 (its caption noise costs it some), random ≈ 0.18
