@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from astrolabe_rl.models import CausalWan
-    from astrolabe_rl.models.build import Decoder
+    from astrolabe_rl.models.build import Decoder, ModelSource
     from astrolabe_rl.models.families import Family, SamplerConfig
 
 FPS = 16
@@ -51,8 +51,7 @@ class GenerateOptions:
 
     Attributes:
         model: family preset (`models.FAMILIES`).
-        checkpoint, checkpoint_key, lora, lora_alpha, adapter, wan_dir, init_seed, trust_checkpoint, text_cache,
-            vae_chunk: where the weights come from (`models.build.ModelSource`).
+        source: where the weights come from (`models.build.ModelSource`: checkpoint, adapter, wan_dir, ...).
         prompt: one prompt line (used when ``prompts`` is None).
         prompts: a prompt file, one line per video group.
         frames: pixel frames (None: the family's training horizon); ``latent_frames`` overrides it.
@@ -69,16 +68,7 @@ class GenerateOptions:
     """
 
     model: str = "tiny"
-    checkpoint: str | None = None
-    checkpoint_key: str | None = None
-    lora: str | None = None
-    lora_alpha: float | None = None
-    adapter: str | None = None
-    wan_dir: str | None = None
-    init_seed: int = 0
-    trust_checkpoint: bool = False
-    text_cache: str | None = None
-    vae_chunk: int = 3
+    source: "ModelSource" = field(default_factory=lambda: _model_source())
     prompt: str = "a red ball rolling to the right"
     prompts: str | None = None
     frames: int | None = None
@@ -93,14 +83,12 @@ class GenerateOptions:
     dtype: str | None = None
     quiet: bool = False
 
-    def source(self) -> Any:
-        """The `models.build.ModelSource` of these options."""
-        from astrolabe_rl.models.build import ModelSource
 
-        return ModelSource(checkpoint=self.checkpoint, checkpoint_key=self.checkpoint_key, lora=self.lora,
-                           lora_alpha=self.lora_alpha, adapter=self.adapter, wan_dir=self.wan_dir,
-                           init_seed=self.init_seed, trust_checkpoint=self.trust_checkpoint,
-                           vae_chunk=self.vae_chunk, text_cache=self.text_cache)
+
+def _model_source(**fields_: Any) -> "ModelSource":
+    from astrolabe_rl.models.build import ModelSource  # imported when used: this module stays light for --help
+
+    return ModelSource(**fields_)
 
 
 # ---------------------------------------------------------------------------------------------- frames
@@ -279,7 +267,7 @@ def generate(opts: GenerateOptions) -> dict[str, Any]:
     sampler = family.sampler_for(frames).with_recache_mask(opts.recache_mask)
 
     samples = plan(opts, sampler, frames, family.temporal_stride)
-    source = opts.source()
+    source = opts.source
     if family.loader == build.OFFICIAL_LOADER:
         build.check_official_files(family, source, need_vae=opts.out is not None)
     encode = build.build_text_encoder(family, source, device, dtype)
@@ -363,7 +351,7 @@ def save_latents(opts: GenerateOptions, family: "Family", samples: list[Sample],
         "model": family.name,
         "prompts": json.dumps([s.text for s in samples]),
         "seeds": json.dumps([s.seed for s in samples]),
-        "init_seed": str(opts.init_seed),
+        "init_seed": str(opts.source.init_seed),
         "latent_frames": str(frames),
         "layout": "[B, F, C, H, W]",
     }
@@ -402,8 +390,13 @@ def add_weight_flags(g: argparse._ArgumentGroup) -> None:
 
 def options_from_args(args: argparse.Namespace) -> GenerateOptions:
     """The `GenerateOptions` named by parsed flags (flags another command lacks keep their defaults)."""
-    names = {f.name for f in fields(GenerateOptions)}
-    return GenerateOptions(**{k: v for k, v in vars(args).items() if k in names})
+    from astrolabe_rl.models.build import ModelSource
+
+    given = vars(args)
+    source = {f.name for f in fields(ModelSource)}
+    names = {f.name for f in fields(GenerateOptions)} - {"source"}
+    return GenerateOptions(source=ModelSource(**{k: v for k, v in given.items() if k in source}),
+                           **{k: v for k, v in given.items() if k in names})
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

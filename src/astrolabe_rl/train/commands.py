@@ -49,7 +49,7 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     if not args.adapter:
         raise ValueError("merge-lora needs --adapter (a run folder, one of its checkpoints, or a peft folder)")
     family = get_family(args.model)
-    merged = build_dit(family, options_from_args(args).source())
+    merged = build_dit(family, options_from_args(args).source)
     state = {k: v.detach().to(getattr(torch, args.dtype)).contiguous() for k, v in merged.state_dict().items()}
     tmp = Path(args.out).with_suffix(".tmp")
     save_file(state, str(tmp), metadata={"format": "wan-original", "family": family.name})
