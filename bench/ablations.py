@@ -1,4 +1,5 @@
-"""Ablations on the toy world (CPU): held-out reward and the hack monitor, release defaults vs each option.
+"""Ablations on the toy world (CPU): the oracle on the test split, the proxies and the hack monitor, release
+defaults vs each option.
 
 Each row is a short ``astrolabe demo``-style run (`astrolabe_rl.toy.demo.run_demo`, the real recipe) per seed,
 with one config option changed from the release defaults:
@@ -9,9 +10,10 @@ with one config option changed from the release defaults:
     combine      raw weighted sum  vs  group_z (z-score each reward within its prompt group)
     β            0.1 (released)  vs  0.03 and 0.3
 
-Columns: the held-out combined reward after training (mean ± std over seeds; the base model and the world's own
-renders are the same for every row), the share of the base→real gap it closed, each axis, the noise monitor that
-shows the sharpness hack (real renders ≈ 0.004; higher = noise bought as sharpness), and the final KL to the base.
+Columns, judged first on what no run optimises: the oracle gap closed on the test split (`toy.oracle`: prompt
+agreement and render-likeness; mean ± std over training seeds), its two halves, then the optimised proxies (each
+reward after training, and the combined reward's gap closed), the noise monitor (the hack of the hackable proxy),
+and the KL to the base at the fixed σ set (``eval/kl_base``) at the end.
 
     python bench/ablations.py                  # default: 3 seeds, 16 epochs per run (about 30 min on 2 cores)
     python bench/ablations.py --quick          # 1 seed, 3 epochs, smallest sizes (a smoke run, ~2 min)
@@ -35,7 +37,7 @@ try:
 except ModuleNotFoundError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from astrolabe_rl.toy.demo import REWARDS, run_demo
+from astrolabe_rl.toy.demo import run_demo
 
 OPTIONS: list[tuple[str, list[str]]] = [
     ("release defaults", []),
@@ -47,8 +49,7 @@ OPTIONS: list[tuple[str, list[str]]] = [
     ("β=0.03", ["train.beta=0.03"]),
     ("β=0.3", ["train.beta=0.3"]),
 ]
-QUICK_SIZE = ["rollout.prompts_per_epoch=2", "rollout.candidates=4", "data.eval_inline=[a small red triangle moving "
-              "left slowly over stripes, a large green circle moving down quickly over checks]"]
+QUICK_SIZE = ["rollout.prompts_per_epoch=2", "rollout.candidates=4", "eval.every=0"]
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -64,9 +65,10 @@ def run(options: list[tuple[str, list[str]]], seeds: list[int], epochs: int, qui
         for seed in seeds:
             out = workdir / label.replace("=", "-").replace(" ", "_").replace("β", "beta") / f"seed{seed}"
             extra = [*overrides, *(QUICK_SIZE if quick else [])]
-            s = run_demo(out, quick=True, epochs=epochs, seed=seed, overrides=extra, progress=False)
+            s = run_demo(out, quick=True, epochs=epochs, seed=seed, overrides=extra, progress=False,
+                         **({"test_prompts": 2, "eval_seeds": 1} if quick else {}))
             runs.append(s)
-            print(f"{label} seed {seed}: total {s['rewards']['total']['after']:.4f} "
+            print(f"{label} seed {seed}: oracle gap closed {s['oracle_gap_closed']:.3f} "
                   f"({s['wall_s']:.0f} s)", file=sys.stderr, flush=True)
         rows.append({"option": label, "runs": runs})
     return rows
@@ -74,31 +76,37 @@ def run(options: list[tuple[str, list[str]]], seeds: list[int], epochs: int, qui
 
 def table(rows: list[dict], seeds: list[int], epochs: int) -> str:
     """The markdown report."""
+    ref = rows[0]["runs"][0]
+    rewards = [n for n in ref["rewards"] if n != "total"]
     lines = [
-        f"# Toy-world ablations ({len(seeds)} seed(s): {seeds}; {epochs} epochs per run; held-out prompts)",
+        f"# Toy-world ablations ({len(seeds)} seed(s): {seeds}; {epochs} epochs per run; test split)",
         "",
-        "Each run is `astrolabe demo --quick` (6 prompts × 6 candidates per epoch, one optimiser step per epoch) with "
-        "one option changed; scores are the EMA policy's on the held-out prompts at fixed seeds (mean ± std over "
-        "training seeds). Gap closed = (after − base) / (renders − base) of the combined reward. The noise monitor "
-        "exposes the hack of `toy_quality` (the world's renders score "
-        f"{rows[0]['runs'][0]['hack_monitor']['real']:.4f}); KL final is ‖x̂0_θ − x̂0_ref‖² at the last step.",
+        "Each run is `astrolabe demo --quick` with one option changed; scores are the EMA policy's on the test split "
+        f"({ref['test_split']['prompts']} prompts × {len(ref['test_split']['seeds'])} seeds, balanced in direction "
+        "and speed, never tuned on), mean ± std over training seeds. The oracle (`toy.oracle`) is the headline: "
+        "oracle gap closed = (after − base) / (renders − base) of ½·agreement + ½·render-likeness. The proxies are "
+        "the rewards the run optimised; the noise monitor exposes noise bought as quality (the world's renders score "
+        f"{ref['hack_monitor']['real']:.4f}); KL is ‖x̂0_ema − x̂0_ref‖² at σ ∈ {ref['kl_sigmas']} at the end.",
         "",
-        "| option | held-out combined | gap closed | " + " | ".join(REWARDS) + " | noise monitor | KL final |",
-        "|---|---|---|" + "---|" * len(REWARDS) + "---|---|",
+        "| option | oracle gap closed | agreement | render | " + " | ".join(rewards)
+        + " | proxy gap closed | noise monitor | KL to base |",
+        "|---|---|---|---|" + "---|" * len(rewards) + "---|---|---|",
     ]
     for label, key in (("base model (before)", "before"), ("world renders", "real")):
-        ref = rows[0]["runs"][0]
-        cells = [f"{ref['rewards']['total'][key]:.3f}", "0" if key == "before" else "1",
-                 *[f"{ref['rewards'][n][key]:.3f}" for n in REWARDS], f"{ref['hack_monitor'][key]:.4f}", "0"]
+        cells = ["0" if key == "before" else "1", f"{ref['oracle']['agreement'][key]:.3f}",
+                 f"{ref['oracle']['render'][key]:.3f}", *[f"{ref['rewards'][n][key]:.3f}" for n in rewards],
+                 "0" if key == "before" else "1", f"{ref['hack_monitor'][key]:.4f}", "0"]
         lines.append(f"| *{label}* | " + " | ".join(cells) + " |")
     for row in rows:
         runs = row["runs"]
         cells = [
-            _mean_sd([r["rewards"]["total"]["after"] for r in runs]),
-            _mean_sd([r["gap_closed"] for r in runs]),
-            *[_mean_sd([r["rewards"][n]["after"] for r in runs]) for n in REWARDS],
+            _mean_sd([r["oracle_gap_closed"] for r in runs]),
+            _mean_sd([r["oracle"]["agreement"]["after"] for r in runs]),
+            _mean_sd([r["oracle"]["render"]["after"] for r in runs]),
+            *[_mean_sd([r["rewards"][n]["after"] for r in runs]) for n in rewards],
+            _mean_sd([r["proxy_gap_closed"] for r in runs]),
             _mean_sd([r["hack_monitor"]["after"] for r in runs]),
-            f"{statistics.fmean(r['kl_final'] for r in runs):.2e}",
+            _mean_sd([r["kl_base_final"] for r in runs]) if all(r["kl_base_final"] is not None for r in runs) else "-",
         ]
         lines.append(f"| {row['option']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -130,8 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
         "bench": "ablations", "seeds": seeds, "epochs": epochs, "out": str(args.out),
         "wall_s": round(time.perf_counter() - start, 1),
         "results": {row["option"]: {
-            "total_after": statistics.fmean(r["rewards"]["total"]["after"] for r in row["runs"]),
-            "gap_closed": statistics.fmean(r["gap_closed"] for r in row["runs"]),
+            "oracle_gap_closed": statistics.fmean(r["oracle_gap_closed"] for r in row["runs"]),
+            "proxy_gap_closed": statistics.fmean(r["proxy_gap_closed"] for r in row["runs"]),
             "noise_after": statistics.fmean(r["hack_monitor"]["after"] for r in row["runs"]),
         } for row in rows},
     }

@@ -253,6 +253,7 @@ def test_old_decay_schedules():
     assert old_decay(100, 1) == pytest.approx(0.1)
     assert old_decay(499, 1) == pytest.approx(0.499)
     assert old_decay(5000, 1) == 0.5
+    assert old_decay(10, 1, rate=0.02) == pytest.approx(0.2) and old_decay(40, 1, rate=0.02, cap=0.6) == 0.6
     assert old_decay(74, 2) == 0.0 and old_decay(75, 2) == 0.0
     assert old_decay(76, 2) == pytest.approx(0.0075)
     assert old_decay(100, 2) == pytest.approx(0.1875)  # 0.0075·25

@@ -245,23 +245,36 @@ def _single_process():
 
 
 @needs_weights
-def test_reduced_quick_demo_raises_the_held_out_reward(tmp_path, _single_process):
-    """The smallest `--quick` demo: the held-out reward at fixed seeds, evaluated every epoch, trends up."""
+def test_reduced_quick_demo_closes_part_of_the_oracle_gap(tmp_path, _single_process):
+    """The smallest `--quick` demo, judged on what it never optimised: the oracle on the test split rises, no oracle
+    attribute gets worse, the KL to the base stays bounded, and the files a person reads are written."""
     from astrolabe_rl.toy.demo import run_demo
 
-    epochs = 10
-    summary = run_demo(tmp_path, quick=True, epochs=epochs, progress=False, overrides=[
-        "rollout.prompts_per_epoch=4", "rollout.candidates=4", "eval.every=1",
-        f"data.eval_inline={json.dumps(world.eval_prompts(4))}",
-    ])
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    curve = torch.tensor([r["eval/reward/total"] for r in rows])
-    assert curve.numel() == epochs
-    slope = torch.linalg.lstsq(torch.stack([torch.arange(epochs, dtype=torch.float32), torch.ones(epochs)], 1),
-                               curve[:, None]).solution[0, 0]
-    assert slope > 0 and curve[-2:].mean() > curve[:2].mean(), f"held-out reward did not rise: {curve.tolist()}"
-    total = summary["rewards"]["total"]
-    assert total["after"] > total["before"] + total["delta_se"], total
+    summary = run_demo(tmp_path, quick=True, epochs=10, progress=False, overrides=[
+        "rollout.prompts_per_epoch=4", "rollout.candidates=4", "eval.every=5"])
+    oracle = summary["oracle"]["oracle"]
+    assert summary["oracle_gap_closed"] > 0 and oracle["after"] > oracle["before"] + oracle["delta_se"], oracle
+    assert summary["oracle_worse"] == [], summary["oracle_worse"]
     for name in ("grid-seed0.png", "curves.png", "summary.json", "run/adapter/adapter_model.safetensors"):
         assert (tmp_path / name).is_file(), name
-    assert summary["kl_max"] is not None and summary["kl_max"] < 1.0
+    assert summary["kl_base_max"] is not None and summary["kl_base_max"] < 1.0
+
+
+def test_the_demo_headline_does_not_rise_for_a_run_that_only_hacks():
+    """Videos that only add noise raise the hackable proxy but not the demo's headline (the oracle gap closed)."""
+    from types import SimpleNamespace
+
+    from astrolabe_rl.toy.demo import compare, headline, score
+    from astrolabe_rl.toy.oracle import degrade
+
+    prompts, seeds = world.eval_prompts(4, split="test"), [0, 1]
+    real = world.render([p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds])
+    base = degrade(real, "blur")
+    hacked = degrade(base, "noise", strength=0.5)
+    fake = SimpleNamespace(rewards={"toy_quality_hackable": build_reward("toy_quality_hackable")},
+                           weights={"toy_quality_hackable": 1.0}, monitors={"toy_noise": build_reward("toy_noise")})
+    results = compare(*(score(fake, v, prompts, seeds) for v in (base, hacked, real)))
+    assert results["total"]["delta"] > 0  # the proxy the run would have optimised went up...
+    assert results["toy_noise"]["delta"] > 0  # ...its monitor saw the hack...
+    assert headline(results)["oracle_gap_closed"] <= 0.0  # ...and the headline did not move up
+    assert "render" in headline(results)["oracle_worse"]

@@ -29,7 +29,7 @@ def _single_process():
 def _tiny_demo(out, epochs: int = 2) -> dict:
     from astrolabe_rl.toy.demo import run_demo
 
-    return run_demo(out, quick=True, epochs=epochs, progress=False, overrides=[
+    return run_demo(out, quick=True, epochs=epochs, progress=False, test_prompts=2, eval_seeds=2, overrides=[
         "rollout.prompts_per_epoch=2", "rollout.candidates=2", "rollout.num_frames=6", "eval.every=0",
         "log.plots=false",
         f"data.eval_inline={json.dumps(PROMPTS)}",
@@ -55,7 +55,7 @@ def test_demo_then_generate_evaluate_and_merge_its_adapter(tmp_path):
     lora = read_lora_file(adapter)
     assert lora and any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)  # trained, not the zero init
     # the outputs a person reads: one labelled grid per noise seed (rows: prompts; columns: base / after / renders)
-    seeds = summary["held_out"]["seeds"]
+    seeds = summary["test_split"]["seeds"]
     grids = sorted(out.glob("grid-seed*.png"))
     assert [p.name for p in grids] == [f"grid-seed{s}.png" for s in seeds]
     width, height = _png(grids[0])

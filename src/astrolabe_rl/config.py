@@ -35,7 +35,8 @@ class ModelConfig:
     dtype: str = _f("auto", "weights and activations: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16")
     device: str = _f("auto", "auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")
     attn_backend: str = _f("auto", "attention kernel: auto, sdpa, flex")
-    gradient_checkpointing: bool = _f(True, "recompute each DiT block in backward (saves activation memory)")
+    gradient_checkpointing: bool = _f(True, "recompute each DiT block in backward (saves activation memory; attention outputs are kept)")
+    compile: str = _f("auto", "torch.compile the DiT blocks (training pass and the merged sampling copy): auto (on CUDA only), on, off")
     vae: str = _f("auto", "decoder for rewards: auto (Wan VAE for real models, tiny random Wan VAE for tiny, the exact toy VAE for toy), wan, tiny, toy")
 
 
@@ -103,7 +104,9 @@ class TrainConfig:
     loss_form: str = _f("release", "release: plain x0 MSE; diffusionnft: adaptive weight and ×adv_clip/β")
     sigmas: str = _f("release_grid", "training noise levels: release_grid {1,.75,.5,.25}, sampler_grid (the warped steps), uniform U(0,1)")
     context: str = _f("noisy", "noisy: whole clip noised under a block-causal mask (released); clean: clean detached history (teacher forcing)")
-    old_decay: int = _f(1, "old-policy update: 0 copy, 1 η=min(0.001·step, 0.5), 2 delayed")
+    old_decay: int = _f(1, "old-policy update: 0 copy, 1 η=min(old_decay_rate·step, old_decay_max), 2 delayed")
+    old_decay_rate: float = _f(0.001, "η gained per optimiser step by schedule 1 (released 0.001: η = 0.5 at step 500)")
+    old_decay_max: float = _f(0.5, "the cap of η in schedule 1 (released 0.5), in [0, 1)")
     ema_decay: float = _f(0.9, "EMA decay of the trained adapter (eval and export)")
     seed: int = _f(42, "seed of the adapter init, prompts, noise and σ draws")
     skip_nonfinite: bool = _f(True, "skip the optimiser step when the loss or gradient is NaN/inf (logged)")
@@ -114,6 +117,7 @@ class EvalConfig:
     every: int = _f(10, "evaluate every N epochs (0 = only at the end); evaluation is on when held-out prompts are given")
     seeds: list[int] = _f([0], "noise seeds per held-out prompt")
     videos: int = _f(4, "sample videos written per evaluation")
+    kl_sigmas: list[float] = _f([1.0, 0.75, 0.5, 0.25], "noise levels σ (0 to 1) at which the EMA's KL to the base, ‖x̂0_ema − x̂0_ref‖², is measured on the held-out samples (eval/kl_base): one fixed set, so the curve is comparable across epochs; [] = off")
 
 
 @dataclass
@@ -160,13 +164,14 @@ class Config:
 CRITICAL_KEYS = (
     "model.family", "model.checkpoint", "lora.rank", "lora.alpha", "lora.targets", "rollout.prompts_per_epoch",
     "rollout.candidates", "rollout.num_frames", "train.beta", "train.kl_weight", "train.adv_clip", "train.loss_form",
-    "train.sigmas", "train.context", "train.old_decay", "train.seed", "train.epochs", "rewards.components",
+    "train.sigmas", "train.context", "train.old_decay", "train.old_decay_rate", "train.old_decay_max", "train.seed", "train.epochs", "rewards.components",
     "rewards.combine",
 )
 
 _CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16"),
     "model.attn_backend": ("auto", "sdpa", "flex"),
+    "model.compile": ("auto", "on", "off"),
     "model.vae": ("auto", "wan", "tiny", "toy"),
     "rewards.combine": ("raw", "group_z"),
     "rewards.on_error": ("drop", "zero", "abort"),
@@ -190,6 +195,8 @@ _NON_NEGATIVE = ("eval.every", "checkpoint.every", "eval.videos", "train.weight_
 _UNIT_INTERVAL = {
     "rewards.max_failed_frac": (0.0, 1.0, True),
     "lora.dropout": (0.0, 1.0, False),
+    "train.old_decay_max": (0.0, 1.0, False),
+    "train.old_decay_rate": (0.0, 1.0, True),
 }
 
 
@@ -375,6 +382,8 @@ def validate(cfg: Config) -> None:
         value = get_value(cfg, key)
         if not (low <= value <= high if closed else low <= value < high):
             raise ValueError(f"{key} must lie in [{low:g}, {high:g}{']' if closed else ')'}, got {value}")
+    if not all(0 < x <= 1 for x in cfg.eval.kl_sigmas):
+        raise ValueError(f"eval.kl_sigmas must be noise levels in (0, 1], got {cfg.eval.kl_sigmas}")
     if len(cfg.train.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.train.adam_betas):
         raise ValueError(f"train.adam_betas must be two numbers in [0, 1), got {cfg.train.adam_betas}")
     if (cfg.data.eval_prompts or cfg.data.eval_inline) and not cfg.eval.seeds:

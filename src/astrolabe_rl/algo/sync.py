@@ -13,11 +13,13 @@ import torch
 from torch import Tensor
 
 
-def old_decay(step: int, schedule: int = 1) -> float:
+def old_decay(step: int, schedule: int = 1, rate: float = 0.001, cap: float = 0.5) -> float:
     """η, the weight kept on θ_old after optimiser step ``step`` (≥ 0, counting optimiser steps, not epochs).
 
     schedule 0: η = 0, a hard copy (fully on-policy).
-    schedule 1: η = min(0.001·step, 0.5)  (release default): a copy early on, at most half-old later.
+    schedule 1: η = min(rate·step, cap)  (release: rate 0.001, cap 0.5): a copy early on, at most half-old later.
+                A short run (the toy demo's 60 steps) raises ``rate`` to reach the released off-policy regime, which
+                a real run reaches at step 500; at η ≈ 0 θ_old ≈ θ and β only scales the gradient (Adam undoes it).
     schedule 2: η = 0 for step < 75, then min(0.0075·(step − 75), 0.999)  (upstream's "delayed" OCR schedule;
                 η reaches 0.999 near step 208, after which the old policy almost freezes).
     """
@@ -26,7 +28,7 @@ def old_decay(step: int, schedule: int = 1) -> float:
     if schedule == 0:
         return 0.0
     if schedule == 1:
-        return min(0.001 * step, 0.5)
+        return min(rate * step, cap)
     if schedule == 2:
         return 0.0 if step < 75 else min(0.0075 * (step - 75), 0.999)
     raise ValueError(f"unknown old-policy decay schedule {schedule!r}; use 0 (copy), 1 (release) or 2 (delayed)")

@@ -319,7 +319,12 @@ class _Official:
     def decoder(self, family: Family, source: ModelSource, device: torch.device, dtype: torch.dtype) -> Decoder:
         from astrolabe_rl.models.vae import load_vae
 
-        return load_vae(_wan_dir(source), device=device, dtype=dtype, chunk_frames=source.vae_chunk)
+        # the decode bench/rollout.py times: channels-last convolutions and a compiled decoder on CUDA
+        cuda = device.type == "cuda"
+        vae = load_vae(_wan_dir(source), device=device, dtype=dtype, chunk_frames=source.vae_chunk, channels_last=cuda)
+        if cuda:
+            vae.compile_decoder()
+        return vae
 
 
 class _Tiny:

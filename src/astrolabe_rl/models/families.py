@@ -143,8 +143,11 @@ FAMILIES: dict[str, Family] = {
                description="a 2-layer random-weight model for CPU smoke tests",
                loader="astrolabe_rl.models.build:TINY"),
         Family("toy", TOY_WAN, _SF, latent_hw=(8, 8), horizon_frames=9, temporal_stride=1,
-               description="the shipped toy-world model (astrolabe demo): 32×32 pixels, 9 frames, 4 steps",
+               description="the shipped toy-world model (astrolabe demo): a DMD-distilled 4-step student, 32×32 px",
                loader="astrolabe_rl.toy.model:LOADER"),
+        Family("toy_fm", TOY_WAN, _SF, latent_hw=(8, 8), horizon_frames=9, temporal_stride=1,
+               description="the toy student's flow-matching base (4-step sampling of an undistilled model)",
+               loader="astrolabe_rl.toy.model:FM_LOADER"),
     )
 }
 

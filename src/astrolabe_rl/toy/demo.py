@@ -41,9 +41,9 @@ HACK_MONITOR = "toy_noise"
 
 # Each preset: overrides of configs/demo.yaml (the full run) and the held-out evaluation's size.
 PRESETS: dict[str, dict[str, Any]] = {
-    "full": {"overrides": [], "eval_prompts": 12, "eval_seeds": 4},
+    "full": {"overrides": [], "dev_prompts": 8, "test_prompts": 12, "eval_seeds": 4},
     "quick": {"overrides": ["rollout.prompts_per_epoch=6", "rollout.candidates=6", "train.epochs=24"],
-              "eval_prompts": 8, "eval_seeds": 3},
+              "dev_prompts": 4, "test_prompts": 8, "eval_seeds": 3},
 }
 
 
@@ -59,7 +59,8 @@ def demo_config(out: Path, preset: str = "full", epochs: int | None = None, seed
     base = [
         f"run_dir={out / 'run'}", "checkpoint.overwrite=true", f"train.seed={seed}", *size["overrides"],
         f"data.prompts={json.dumps(world.split('train'))}",
-        f"data.eval_inline={json.dumps(world.eval_prompts(size['eval_prompts']))}",
+        # the curves during training watch the dev split (tuning); the headline is measured on the test split
+        f"data.eval_inline={json.dumps(world.eval_prompts(size['dev_prompts'], split='dev'))}",
         *([f"train.epochs={epochs}"] if epochs else []),
     ]
     return load_config("demo", [*base, *overrides])
@@ -69,15 +70,15 @@ def demo_config(out: Path, preset: str = "full", epochs: int | None = None, seed
 
 
 @torch.no_grad()
-def held_out_videos(world: Any, which: str, seeds: list[int]) -> Tensor:
+def held_out_videos(world: Any, which: str, prompts: list[str], seeds: list[int]) -> Tensor:
     """Videos ``[N, T, 3, H, W]`` of every held-out prompt × seed from the base (``"base"``) or the EMA
     (``"after"``) weights; the noise of sample (prompt i, seed s) is the same for both."""
     from astrolabe_rl.train.recipe import sample_videos
 
-    prompts = [p for p in world.eval_prompts for _ in seeds]
-    noise_seeds = [10_000 * s + i for i in range(len(world.eval_prompts)) for s in seeds]
+    repeated = [p for p in prompts for _ in seeds]
+    noise_seeds = [10_000 * s + i for i in range(len(prompts)) for s in seeds]
     with world.policy.use("ref") if which == "base" else world.policy.ema_weights() as model:
-        return torch.cat([videos for _, _, videos in sample_videos(world, model, prompts, noise_seeds)])
+        return torch.cat([videos for _, _, videos in sample_videos(world, model, repeated, noise_seeds)])
 
 
 def real_videos(prompts: list[str], seeds: list[int]) -> Tensor:
@@ -87,20 +88,22 @@ def real_videos(prompts: list[str], seeds: list[int]) -> Tensor:
     return world.render([p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds])
 
 
-def score(world: Any, videos: Tensor, seeds: list[int]) -> dict[str, Tensor]:
-    """Every reward and monitor per video, plus ``total`` (the weighted sum the recipe optimises)."""
+def score(world: Any, videos: Tensor, prompts: list[str], seeds: list[int]) -> dict[str, Tensor]:
+    """Per video: the oracle (`toy.oracle`: prompt agreement per attribute and render-likeness; never trained on),
+    every reward and monitor, and ``total`` (the weighted sum the recipe optimises)."""
     from astrolabe_rl.rewards.base import score_all
+    from astrolabe_rl.toy.oracle import oracle_scores
 
-    prompts = [p for p in world.eval_prompts for _ in seeds]
+    prompts = [p for p in prompts for _ in seeds]
     got, errors = score_all({**world.rewards, **world.monitors}, videos, prompts)
     if errors:
         raise RuntimeError(f"a toy reward failed on held-out videos: {errors}")
     got["total"] = sum(w * got[name] for name, w in world.weights.items())
-    return got
+    return {**{f"oracle/{k}": v for k, v in oracle_scores(videos, prompts).items()}, **got}
 
 
 def compare(before: dict[str, Tensor], after: dict[str, Tensor], real: dict[str, Tensor]) -> dict[str, Any]:
-    """Means, the gap closed and the paired change ± its standard error for every reward and monitor."""
+    """Means, the gap closed and the paired change ± its standard error for every oracle figure, reward and monitor."""
     out: dict[str, Any] = {}
     for name in before:
         delta = after[name] - before[name]
@@ -110,6 +113,15 @@ def compare(before: dict[str, Tensor], after: dict[str, Tensor], real: dict[str,
                      "delta": round(a - b, 4), "delta_se": round(se, 4),
                      "gap_closed": round((a - b) / (r - b), 3) if abs(r - b) > 1e-9 else None}
     return out
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """The demo's claim, on what no run optimises: the oracle gap closed, and the oracle attributes that got worse
+    (fell by more than two standard errors of the paired change)."""
+    from astrolabe_rl.toy.oracle import ATTRIBUTES
+
+    worse = [a for a in (*ATTRIBUTES, "render") if results[f"oracle/{a}"]["delta"] < -2 * results[f"oracle/{a}"]["delta_se"]]
+    return {"oracle_gap_closed": results["oracle/oracle"]["gap_closed"], "oracle_worse": worse}
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -172,12 +184,12 @@ def plot_curves(metrics_file: Path, out: Path, levels: dict[str, Any] | None = N
     from astrolabe_rl.train.logging import integer_steps, read_metrics
 
     metrics = read_metrics(metrics_file)
-    panels = [("reward/total", "training reward (combined)"), ("eval/reward/total", "held-out reward (EMA)"),
-              ("loss/kl", "KL to base  ‖x̂0_θ − x̂0_ref‖²"), (f"monitor/{HACK_MONITOR}", "hack monitor: noise")]
+    panels = [("reward/total", "training reward (combined)"), ("eval/reward/total", "dev-split reward (EMA)"),
+              ("eval/kl_base", "KL to base ‖x̂0_ema − x̂0_ref‖², fixed σ set"), (f"monitor/{HACK_MONITOR}", "hack monitor: noise")]
     lines: dict[str, list[tuple[float, str, str]]] = {}  # panel key -> (level, label, style)
     if levels is not None:
-        lines["eval/reward/total"] = [(levels["total"]["before"], "base (held-out)", "C3--"),
-                                      (levels["total"]["real"], "renders (held-out)", "C2--")]
+        lines["eval/reward/total"] = [(levels["total"]["before"], "base (test split)", "C3--"),
+                                      (levels["total"]["real"], "renders (test split)", "C2--")]
         hack = levels[HACK_MONITOR]
         lines[f"monitor/{HACK_MONITOR}"] = [(hack["before"], "base (held-out)", "C3--"),
                                             (hack["after"], "after (held-out)", "C1:")]
@@ -202,20 +214,22 @@ def plot_curves(metrics_file: Path, out: Path, levels: dict[str, Any] | None = N
 # ------------------------------------------------------------------------------------------------ the demo
 
 
-def summarise(world: Any, results: dict[str, Any], seeds: list[int], preset: str) -> dict[str, Any]:
-    """The demo's JSON summary: held-out rewards before / after / real, gap closed, worse axes, KL, hack monitor."""
-    from astrolabe_rl.toy import world as toy_world
-
+def summarise(world: Any, results: dict[str, Any], prompts: list[str], seeds: list[int], preset: str) -> dict[str, Any]:
+    """The demo's JSON summary: the oracle headline first, then every oracle figure, the optimised proxies (and
+    their gap closed), the monitors, and the KL to the base (with the σ it was measured at)."""
     from astrolabe_rl.train.logging import read_metrics
 
-    kls = [v for v in read_metrics(Path(world.cfg.run_dir) / "metrics.jsonl").get("loss/kl", ([], []))[1]
-           if not math.isnan(v)]
+    metrics = read_metrics(Path(world.cfg.run_dir) / "metrics.jsonl")
+    kls = [v for v in metrics.get("eval/kl_base", ([], []))[1] if not math.isnan(v)]
     return {
+        **headline(results),
         "demo": preset, "epochs": world.cfg.train.epochs, "seed": world.cfg.train.seed,
-        "held_out": {"prompts": len(world.eval_prompts), "seeds": seeds, "split_size": len(toy_world.split("held_out"))},
-        "gap_closed": results["total"]["gap_closed"],
-        "worse_axes": [n for n in world.rewards if results[n]["delta"] < -2 * results[n]["delta_se"]],
-        "kl_final": kls[-1] if kls else None, "kl_max": max(kls) if kls else None,
+        "test_split": {"prompts": len(prompts), "seeds": seeds},
+        "oracle": {k.removeprefix("oracle/"): v for k, v in results.items() if k.startswith("oracle/")},
+        "proxy_gap_closed": results["total"]["gap_closed"],
+        "proxies_worse": [n for n in world.rewards if results[n]["delta"] < -2 * results[n]["delta_se"]],
+        "kl_base_final": kls[-1] if kls else None, "kl_base_max": max(kls) if kls else None,
+        "kl_sigmas": world.cfg.eval.kl_sigmas,
         "hack_monitor": results[HACK_MONITOR],
         "rewards": {n: results[n] for n in [*world.rewards, "total"]},
         "monitors": {n: results[n] for n in world.monitors},
@@ -223,28 +237,32 @@ def summarise(world: Any, results: dict[str, Any], seeds: list[int], preset: str
 
 
 def run_demo(out: str | Path | None = None, quick: bool = False, epochs: int | None = None, seed: int = 0,
-             overrides: list[str] | tuple[str, ...] = (), progress: bool = True) -> dict[str, Any]:
-    """Train (the recipe's own loop), evaluate before/after on held-out prompts, write grids, curves and the
-    summary; returns the summary. Each preset writes into its own folder (``runs/demo``, ``runs/demo-quick``)."""
+             overrides: list[str] | tuple[str, ...] = (), progress: bool = True, test_prompts: int | None = None,
+             eval_seeds: int | None = None) -> dict[str, Any]:
+    """Train (the recipe's own loop), evaluate before/after on the test split, write grids, curves and the summary;
+    returns the summary. Each preset writes into its own folder (``runs/demo``, ``runs/demo-quick``);
+    ``test_prompts`` and ``eval_seeds`` override the preset's size of the before/after evaluation."""
+    from astrolabe_rl.toy import world as toy_world
     from astrolabe_rl.train import recipe
 
     start = time.perf_counter()
     preset = "quick" if quick else "full"
     out = Path(out or ("runs/demo-quick" if quick else "runs/demo"))
     cfg = demo_config(out, preset, epochs, seed, [f"log.progress={str(progress).lower()}", *overrides])
-    seeds = list(range(PRESETS[preset]["eval_seeds"]))
+    seeds = list(range(eval_seeds or PRESETS[preset]["eval_seeds"]))
+    prompts = toy_world.eval_prompts(test_prompts or PRESETS[preset]["test_prompts"], split="test")
     videos: dict[str, Tensor] = {}
     held: dict[str, Any] = {}
 
     def before(world: Any) -> None:
-        videos["before"] = held_out_videos(world, "base", seeds)
+        videos["before"] = held_out_videos(world, "base", prompts, seeds)
 
     def after(world: Any) -> None:
-        videos["after"] = held_out_videos(world, "after", seeds)
-        videos["real"] = real_videos(world.eval_prompts, seeds)
-        held["results"] = compare(*(score(world, videos[k], seeds) for k in ("before", "after", "real")))
-        held["summary"] = summarise(world, held["results"], seeds, preset)
-        held["prompts"] = world.eval_prompts
+        videos["after"] = held_out_videos(world, "after", prompts, seeds)
+        videos["real"] = real_videos(prompts, seeds)
+        held["results"] = compare(*(score(world, videos[k], prompts, seeds) for k in ("before", "after", "real")))
+        held["summary"] = summarise(world, held["results"], prompts, seeds, preset)
+        held["prompts"] = prompts
 
     recipe.train(cfg, recipe.Callbacks(on_start=before, on_end=after))
     write_outputs(out, Path(cfg.run_dir), videos, held["results"], held["prompts"], len(seeds))

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from astrolabe_rl.algo.advantages import group_advantages, group_reward_stats, optimality_probability
-from astrolabe_rl.algo.nft import nft_objective
+from astrolabe_rl.algo.nft import kl_term, nft_objective
 from astrolabe_rl.algo.sync import ema_decay, old_decay
 from astrolabe_rl.config import CRITICAL_KEYS, Config, TrainConfig, dump_yaml, to_dict
 from astrolabe_rl.models.build import ModelIO, ModelSource, load_model_io
@@ -173,8 +173,10 @@ def _build(cfg: Config, ctx: dist.DistContext, lock: RunDirLock | None) -> World
     io = load_model_io(family, model_source(cfg), device, dtype)
     io.model.gradient_checkpointing = cfg.model.gradient_checkpointing
     io.model.attn_backend = cfg.model.attn_backend
+    compile_ = {"auto": None, "on": True, "off": False}[cfg.model.compile]
     policy = Policy(io.model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets,
-                    seed=dist.mix_seed(cfg.train.seed, "lora-init"))
+                    seed=dist.mix_seed(cfg.train.seed, "lora-init"), compile_sampling=compile_)
+    io.model.compile_blocks(compile_)
     if cfg.lora.init:
         policy.load_adapter(cfg.lora.init)
     train_model = dist.wrap_model(policy.model, ctx, cfg.dist.strategy)
@@ -346,10 +348,13 @@ def _train_sigmas(world: World, generator: torch.Generator) -> float:
 
 
 def _sample_noise(like: Tensor, seeds: list[int]) -> Tensor:
-    """Per-sample ε from per-sample seeds, so the training noise does not depend on the batch split."""
-    return torch.stack([
-        torch.randn(like.shape[1:], generator=torch.Generator().manual_seed(s), dtype=torch.float32) for s in seeds
-    ]).to(like.device, like.dtype)
+    """Per-sample ε from per-sample seeds (drawn on ``like``'s device: no host copy), so the training noise does not
+    depend on the batch split."""
+    def draw(seed: int) -> Tensor:
+        g = torch.Generator(device=like.device).manual_seed(seed)
+        return torch.randn(like.shape[1:], generator=g, dtype=torch.float32, device=like.device)
+
+    return torch.stack([draw(s) for s in seeds]).to(like.dtype)
 
 
 def micro_step(
@@ -406,12 +411,12 @@ def update_phase(world: World, batch: Batch, adv: Advantages, epoch: int) -> tup
         _warn_main(world.ctx, f"no sample of epoch {epoch} has a usable reward: no optimiser step")
         return False, {"train/skipped_step": 1.0}
     chunks = _chunks(batch.latents.shape[0], cfg.rollout.micro_batch)
-    sums: dict[str, float] = {}
+    sums: dict[str, Tensor | float] = {}
+    order = batch.global_index.tolist()  # one host read per epoch, not per micro-step
     for i, sl in enumerate(chunks):
-        first = int(batch.global_index[sl][0])
-        g = torch.Generator().manual_seed(dist.mix_seed(cfg.train.seed, "sigma", epoch, first))
+        g = torch.Generator().manual_seed(dist.mix_seed(cfg.train.seed, "sigma", epoch, order[sl][0]))
         sigma = _train_sigmas(world, g)
-        seeds = [dist.mix_seed(cfg.train.seed, "train-noise", epoch, int(j)) for j in batch.global_index[sl]]
+        seeds = [dist.mix_seed(cfg.train.seed, "train-noise", epoch, j) for j in order[sl]]
         noise = _sample_noise(batch.latents[sl], seeds)
         with dist.no_sync(world.train_model, enabled=i < len(chunks) - 1):
             loss, stats = micro_step(
@@ -419,9 +424,10 @@ def update_phase(world: World, batch: Batch, adv: Advantages, epoch: int) -> tup
                 batch.latents[sl], batch.text[sl], adv.r[sl], adv.keep[sl], sigma, noise,
             )
             (loss / len(chunks)).backward()
-        for k, v in {**stats, "sigma": sigma}.items():
-            sums[k] = sums.get(k, 0.0) + float(v) / len(chunks)
+        for k, v in {**stats, "sigma": sigma}.items():  # device sums: read once, after the last micro-step
+            sums[k] = sums.get(k, 0.0) + v / len(chunks)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(world.policy.trainable_parameters(), cfg.train.grad_clip))
+    sums = {k: float(v) for k, v in sums.items()}
     stepped = math.isfinite(grad_norm) or not cfg.train.skip_nonfinite
     if stepped:
         world.optimizer.step()
@@ -435,7 +441,8 @@ def update_phase(world: World, batch: Batch, adv: Advantages, epoch: int) -> tup
 
 def sync_phase(world: World) -> None:
     """θ_old ← η·θ_old + (1 − η)·θ with the configured decay schedule; EMA of θ for evaluation and export."""
-    world.policy.soft_update_old(old_decay(world.step, world.cfg.train.old_decay))
+    t = world.cfg.train
+    world.policy.soft_update_old(old_decay(world.step, t.old_decay, t.old_decay_rate, t.old_decay_max))
     world.policy.update_ema(ema_decay(world.step - 1, world.cfg.train.ema_decay))  # n updates done before
 
 
@@ -453,12 +460,15 @@ def evaluate(world: World) -> dict[str, float]:
     scorers = {**world.rewards, **world.monitors}
     local: dict[str, list[Tensor]] = {name: [] for name in scorers}
     written = 0
+    kl: list[Tensor] = []
     with world.policy.ema_weights() as model:
         prompts = [p for p, _ in mine]
         for sl, latents, videos in sample_videos(world, model, prompts, [s for _, s in mine]):
             got, _ = score_all(scorers, videos, prompts[sl])
             for name, v in got.items():
                 local[name].append(v.to(latents.device))
+            if cfg.eval.kl_sigmas:
+                kl.append(kl_to_base(world, latents, world.io.encode(prompts[sl]), [s for _, s in mine[sl]]))
             for j in range(videos.shape[0]):
                 if ctx.is_main and written < cfg.eval.videos:
                     caption = {name: float(v[j]) for name, v in got.items()}
@@ -470,7 +480,27 @@ def evaluate(world: World) -> dict[str, float]:
         kind = "reward" if name in world.rewards else "monitor"
         metrics[f"eval/{kind}/{name}"] = _nanmean(values)
     metrics["eval/reward/total"] = sum(world.weights[n] * metrics[f"eval/reward/{n}"] for n in world.rewards)
+    if kl:
+        metrics["eval/kl_base"] = _nanmean(dist.all_gather_cat(ctx, torch.cat(kl))[: len(jobs)])
     return metrics
+
+
+@torch.no_grad()
+def kl_to_base(world: World, x0: Tensor, text: Tensor, seeds: list[int]) -> Tensor:
+    """The KL surrogate ‖x̂0_θ − x̂0_ref‖² of the current weights (EMA during `evaluate`) to the base, per sample
+    ``[b]``, averaged over the fixed σ set ``eval.kl_sigmas`` with noise seeded per sample: the training KL is
+    measured at whichever σ an epoch drew, this one is comparable across epochs. x0 ``[b, F, C, H, W]``."""
+    layout = dict(frames_per_block=world.sampler.frames_per_block, first_block_frames=world.sampler.first_block_frames,
+                  policy=world.sampler.cache)
+    total = torch.zeros(x0.shape[0], device=x0.device)
+    for k, sigma in enumerate(world.cfg.eval.kl_sigmas):
+        noise = _sample_noise(x0, [dist.mix_seed(s, "kl-base", k) for s in seeds])
+        x_t = renoise(x0, sigma, noise)
+        x0_now = x0_from_velocity(x_t, world.policy.model(x_t, sigma * 1000.0, text, **layout), sigma)
+        with world.policy.use("ref") as ref:
+            x0_ref = x0_from_velocity(x_t, ref(x_t, sigma * 1000.0, text, **layout), sigma)
+        total += kl_term(x0_now, x0_ref)
+    return total / len(world.cfg.eval.kl_sigmas)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
