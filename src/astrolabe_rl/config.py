@@ -409,7 +409,10 @@ def validate(cfg: Config) -> None:
         close = difflib.get_close_matches(cfg.model.family, FAMILIES, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"model.family={cfg.model.family!r} is unknown{hint} (choose from {', '.join(FAMILIES)})")
-    if cfg.model.family not in ("tiny", "toy") and (cfg.model.checkpoint is None or cfg.model.wan_dir is None):
+    from astrolabe_rl.models.build import OFFICIAL_LOADER
+
+    official = FAMILIES[cfg.model.family].loader == OFFICIAL_LOADER  # tiny, toy, toy_fm bring their own weights
+    if official and (cfg.model.checkpoint is None or cfg.model.wan_dir is None):
         raise ValueError(
             f"model.family={cfg.model.family!r} needs model.checkpoint (the official weights) and model.wan_dir "
             "(the Wan2.1-T2V-1.3B folder with the umT5 encoder and the VAE)"
