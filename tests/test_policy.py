@@ -184,3 +184,29 @@ def test_lora_computes_in_bf16_with_fp32_master_weights():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
     assert sum(p.grad.abs().sum() for p in params) > 0
     assert policy.sampling_model().dtype == torch.bfloat16
+
+
+def test_the_ema_sampling_copy_generates_what_the_ema_adapter_generates():
+    """Evaluation samples through the sampling copy with the EMA folded in; θ_old is back for the next rollout."""
+    from astrolabe_rl.models import get_family
+    from astrolabe_rl.rollout import rollout
+
+    fam = get_family("tiny")
+    torch.manual_seed(0)
+    pol = Policy(CausalWan(fam.model), rank=4, alpha=8, seed=0)
+    with torch.no_grad():
+        for p in pol.trainable_parameters():
+            p.normal_(std=0.05)
+    pol.update_ema(0.0)  # EMA = θ
+    pol.soft_update_old(0.5)  # θ_old ≠ θ
+    text = torch.randn(2, fam.model.text_len, fam.model.text_dim)
+    go = lambda m: rollout(m, text, num_frames=3, latent_hw=fam.latent_hw, sampler=fam.sampler, seeds=[1, 2]).latents  # noqa: E731
+    with torch.no_grad():
+        old = go(pol.sampling_model())
+        with pol.ema_weights() as m:
+            ema_ref = go(m)
+        with pol.ema_sampling_model() as m:
+            ema = go(m)
+        again = go(pol.sampling_model())
+    assert torch.allclose(ema, ema_ref, atol=1e-5) and (ema - old).abs().amax() > 1e-4
+    assert torch.equal(again, old)

@@ -189,15 +189,32 @@ class Policy:
         change of θ_old that bypasses this class; `sampling_model` does it for the changes that go through it."""
         if self._sampling is None:
             return
+        self._fold(lambda layer, name: (layer.lora_A["old"].weight, layer.lora_B["old"].weight))
+        self._sampling_stale = False
+
+    @torch.no_grad()
+    def _fold(self, factors: "Callable[[nn.Module, str], tuple[Tensor, Tensor]]") -> None:
+        """Sampling copy ← W + (α/r)·B·A per target, with (A, B) = ``factors(lora layer, module name)``."""
         modules = dict(self.model.named_modules())
         dst = dict(self._sampling.named_modules())
         for name in self.target_names:
             layer = modules[name]
-            a, b, w = (full_tensor(t) for t in (layer.lora_A["old"].weight, layer.lora_B["old"].weight,
-                                                 layer.base_layer.weight))
-            merged = torch.addmm(w.float(), b.float(), a.float(), alpha=layer.scaling["old"])
+            a, b = factors(layer, name)
+            a, b, w = (full_tensor(t) for t in (a, b, layer.base_layer.weight))
+            merged = torch.addmm(w.float(), b.float(), a.float(), alpha=layer.scaling["default"])
             dst[name].weight.copy_(merged)
-        self._sampling_stale = False
+
+    @contextlib.contextmanager
+    def ema_sampling_model(self) -> Iterator[CausalWan]:
+        """The EMA of θ merged into the sampling copy, for evaluation: held-out videos are sampled the way training
+        samples (merged weights, the base's dtype). θ_old is folded back in before the next rollout."""
+        model = self.sampling_model()
+        self._fold(lambda layer, name: (self.ema[f"{name}.lora_A.weight"], self.ema[f"{name}.lora_B.weight"]))
+        self._sampling_stale = True
+        try:
+            yield model
+        finally:
+            self._sampling_stale = True
 
     # ------------------------------------------------------------------ adapters
 

@@ -461,8 +461,10 @@ def evaluate(world: World) -> dict[str, float]:
     local: dict[str, list[Tensor]] = {name: [] for name in scorers}
     written = 0
     kl: list[Tensor] = []
-    with world.policy.ema_weights() as model:
-        prompts = [p for p, _ in mine]
+    prompts = [p for p, _ in mine]
+    # sampled as training samples (the EMA merged into the sampling copy); the KL is measured on the adapter itself
+    # (`kl_to_base` runs policy.model, which holds the EMA meanwhile): two different modules, one streaming loop
+    with world.policy.ema_sampling_model() as model, world.policy.ema_weights():
         for sl, latents, videos in sample_videos(world, model, prompts, [s for _, s in mine]):
             got, _ = score_all(scorers, videos, prompts[sl])
             for name, v in got.items():
