@@ -70,7 +70,7 @@ def find_videos(folder: str | Path, prompt_from_name: bool = False) -> list[Vide
         elif prompt_from_name:
             out.append(VideoFile(f, f.stem, None))
         else:
-            out.append(VideoFile(f, None, None, status=f"skipped: no prompt (name it '{{prompt}}-{{i}}.mp4', list it "
+            out.append(VideoFile(f, None, None, status="skipped: no prompt (name it '{prompt}-{i}.mp4', list it "
                                                      "in videos.json, or pass --prompt-from-name)"))
     return out
 
