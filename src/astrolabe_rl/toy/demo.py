@@ -1,23 +1,26 @@
-"""``astrolabe demo``: align the shipped toy model with the Astrolabe recipe on a CPU, and show that it worked.
+"""``astrolabe demo``: align the shipped toy model with the Astrolabe recipe on a CPU, and judge it on the oracle.
 
-    astrolabe demo                      # ≈ 6 minutes on 2 CPU cores
-    astrolabe demo --quick              # ≈ 1.5 minutes
+    astrolabe demo                      # ≈ 8 minutes on 2 CPU cores
+    astrolabe demo --quick              # ≈ 3 minutes
     python -m astrolabe_rl.toy.demo --quick --out runs/demo-quick
 
-What runs: the toy family (`astrolabe_rl.toy`) through the real recipe (`train.recipe.setup` + `run_epoch`: NFT
-loss, old/EMA policies, KL to the base, one optimiser step per epoch) with the multi-reward objective
-``toy_quality + toy_motion + toy_text`` (raw sum, weights 1, as released) and the ``toy_noise`` hack monitor.
+What runs: the toy family (`astrolabe_rl.toy`: the DMD-distilled student) through the recipe's own loop
+(`train.recipe.train` with `configs/demo.yaml`: NFT loss, old/EMA policies, KL to the base, one optimiser step per
+epoch) on ``toy_quality + toy_motion + toy_text`` (raw sum, weights 1, as released), watching the dev split.
 
-What it shows, on held-out prompts (colour-shape pairs never seen in pretraining or RL) at fixed seeds:
+What it shows, on test-split prompts (colour-shape pairs never seen in pretraining, distillation or RL, and never
+tuned on; balanced in direction and speed) at fixed seeds:
 
 * ``before``: the base model (adapters disabled), ``after``: the EMA of the trained adapter, ``real``: the world's
-  own renders of the same prompts, all scored by the same rewards;
-* ``gap_closed = (after − before) / (real − before)`` of the combined reward, and per axis the paired change with
-  its standard error (an axis "got worse" only if it fell by more than two standard errors);
-* ``out/grid-seed<s>.png``: labelled stills, a row per held-out prompt, columns base / after / renders, a few frames
+  own renders of the same prompts;
+* the headline, ``oracle_gap_closed = (after − before) / (real − before)`` of `toy.oracle` (prompt agreement and
+  render-likeness: what no run optimises), with the oracle attributes that got worse (fell by more than two standard
+  errors of the paired change); beside it every proxy reward, their combined gap closed, the monitors, and the KL to
+  the base at a fixed σ set;
+* ``out/grid-seed<s>.png``: labelled stills, a row per test prompt, columns base / after / renders, a few frames
   per cell;
-* ``out/curves.png``: training reward, held-out reward (with the base and renders levels), KL to the base and the
-  hack monitor (with its held-out before / after) per optimiser step (``out/run/plots/`` has every metric);
+* ``out/curves.png``: training reward, dev-split reward (with the base and renders levels), KL to the base and the
+  hack monitor (with its before / after) per optimiser step (``out/run/plots/`` has every metric);
 * ``out/run/adapter``: the trained EMA adapter in peft format (``astrolabe generate --model toy --adapter ...``);
   a rerun moves the previous ``out/run`` aside to ``out/run.old-<time>``;
 * one final JSON line on stdout (also ``out/summary.json``).
@@ -290,7 +293,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser("demo", help="align the shipped toy model on a CPU and show before/after",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="the ≈1.5-minute version (fewer prompts, epochs, held-out prompts and seeds)")
+                   help="the ≈3-minute version (fewer prompts, epochs, test prompts and seeds)")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (full 60, quick 24)")
     p.add_argument("--out", default=None,
                    help="output folder: grids, curves, summary, the run (default: runs/demo, runs/demo-quick)")
