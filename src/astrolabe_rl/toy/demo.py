@@ -81,7 +81,8 @@ def held_out_videos(world: Any, which: str, prompts: list[str], seeds: list[int]
     repeated = [p for p in prompts for _ in seeds]
     noise_seeds = [10_000 * s + i for i in range(len(prompts)) for s in seeds]
     with world.policy.use("ref") if which == "base" else world.policy.ema_weights() as model:
-        return torch.cat([videos for _, _, videos in sample_videos(world, model, repeated, noise_seeds)])
+        text = world.io.encode(repeated)
+        return torch.cat([videos for _, _, videos in sample_videos(world, model, text, noise_seeds)])
 
 
 def real_videos(prompts: list[str], seeds: list[int]) -> Tensor:

@@ -234,13 +234,13 @@ def _chunks(n: int, size: int) -> list[slice]:
 
 
 @torch.no_grad()
-def sample_videos(world: World, model: CausalWan, prompts: list[str],
+def sample_videos(world: World, model: CausalWan, text: Tensor,
                   seeds: list[int]) -> Iterator[tuple[slice, Tensor, Tensor]]:
-    """Sample one video per (prompt, seed) with the family's own few-step sampler (CFG-free) in micro-batches of
-    ``rollout.micro_batch``, and decode each: yields ``(slice into prompts, latents [b, F, C, h, w], videos
-    [b, T, 3, H, W] float in [0, 1])`` as each micro-batch is ready. Training, evaluation and the demo sample here."""
-    text = world.io.encode(prompts)
-    for sl in _chunks(len(prompts), world.cfg.rollout.micro_batch):
+    """Sample one video per (text embedding ``[n, L, D]``, seed) with the family's own few-step sampler (CFG-free)
+    in micro-batches of ``rollout.micro_batch``, and decode each: yields ``(slice into the n, latents [b, F, C, h, w],
+    videos [b, T, 3, H, W] float in [0, 1])`` as each micro-batch is ready. Training, evaluation and the demo sample
+    here; the caller encodes the prompts once and keeps the embeddings for what follows (the update, the KL)."""
+    for sl in _chunks(text.shape[0], world.cfg.rollout.micro_batch):
         out = rollout(model, text[sl], num_frames=world.num_frames, latent_hw=world.family.latent_hw,
                       sampler=world.sampler, seeds=seeds[sl])
         yield sl, out.latents, world.io.decode(out.latents).float()
@@ -255,15 +255,16 @@ def rollout_phase(world: World, plan: list[dist.Sample]) -> Batch:
     """
     prompts = [world.prompts[s.prompt_id] for s in plan]
     seeds = [s.seed_for_noise for s in plan]
+    text = world.io.encode(prompts)
     latents, pending, first_videos = [], [], None
-    for sl, lat, videos in sample_videos(world, world.policy.sampling_model(), prompts, seeds):
+    for sl, lat, videos in sample_videos(world, world.policy.sampling_model(), text, seeds):
         latents.append(lat)
         first_videos = videos if first_videos is None else first_videos
         pending.append(world.scorer.submit(videos, prompts[sl]))
     device = latents[0].device
     return Batch(
         latents=torch.cat(latents),
-        text=world.io.encode(prompts),
+        text=text,
         prompt_ids=torch.tensor([s.prompt_id for s in plan], device=device),
         global_index=torch.tensor([s.global_index for s in plan], device=device),
         seeds=seeds,
@@ -465,12 +466,13 @@ def evaluate(world: World) -> dict[str, float]:
     # sampled as training samples (the EMA merged into the sampling copy); the KL is measured on the adapter itself
     # (`kl_to_base` runs policy.model, which holds the EMA meanwhile): two different modules, one streaming loop
     with world.policy.ema_sampling_model() as model, world.policy.ema_weights():
-        for sl, latents, videos in sample_videos(world, model, prompts, [s for _, s in mine]):
+        text = world.io.encode(prompts)
+        for sl, latents, videos in sample_videos(world, model, text, [s for _, s in mine]):
             got, _ = score_all(scorers, videos, prompts[sl])
             for name, v in got.items():
                 local[name].append(v.to(latents.device))
             if cfg.eval.kl_sigmas:
-                kl.append(kl_to_base(world, latents, world.io.encode(prompts[sl]), [s for _, s in mine[sl]]))
+                kl.append(kl_to_base(world, latents, text[sl], [s for _, s in mine[sl]]))
             for j in range(videos.shape[0]):
                 if ctx.is_main and written < cfg.eval.videos:
                     caption = {name: float(v[j]) for name, v in got.items()}
