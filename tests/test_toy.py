@@ -188,15 +188,29 @@ def test_miscaptioned_clips_differ_only_in_the_noisy_slots_and_never_show_held_o
         assert 0.6 * 0.25 * (n - 1) / n < changed[name] / len(captions) < 1.2 * 0.25 * (n - 1) / n, name
 
 
-def test_pretrain_script_runs_a_few_steps(tmp_path):
+def test_pretrain_script_runs_both_stages_a_few_steps(tmp_path):
     from astrolabe_rl.toy import pretrain
     from astrolabe_rl.toy.model import load_toy_model
 
     out = tmp_path / "toy.safetensors"
-    assert pretrain.main(["--steps", "2", "--batch", "2", "--out", str(out)]) == 0
+    args = ["--steps", "2", "--stage2-steps", "2", "--batch", "2", "--work", str(tmp_path / "w"), "--out", str(out)]
+    assert pretrain.main(args) == 0
     record = json.loads(out.with_suffix(".json").read_text())
-    assert record["steps"] == 2 and record["val_loss"] > 0
+    assert record["steps"] == 2 and record["val_loss"] > 0 and record["init"] == "stage1.safetensors"
+    assert record["stage1"]["steps"] == 2 and "first blocks at sigma 1" in record["sigma_sampling"]
     load_toy_model(out)
+
+
+def test_stage_two_puts_first_blocks_at_sigma_one_and_leaves_the_stage_one_stream_alone():
+    from astrolabe_rl.toy import pretrain
+
+    grid = (1.0, 0.9375, 0.8333, 0.625)
+    draw = lambda *opts: pretrain.training_sigmas(64, 3, grid, 5.0, torch.Generator().manual_seed(0), *opts)
+    assert torch.equal(draw(), pretrain.sample_sigmas(64, 3, grid, 5.0, torch.Generator().manual_seed(0)))
+    assert (draw(0.0, 1.0)[:, 0] == 1.0).all()
+    half = draw(0.0, 0.5)
+    assert torch.equal(half[:, 1:], draw()[:, 1:])  # only the first block changes
+    assert 0.3 < (half[:, 0] == 1.0).float().mean() < 0.8
 
 
 def test_interrupted_pretraining_resumes_bit_exactly(tmp_path, monkeypatch):
@@ -259,9 +273,36 @@ def test_reduced_quick_demo_is_judged_on_the_oracle(tmp_path, _single_process):
     assert summary["kl_base_max"] is not None and summary["kl_base_max"] < 1.0
     oracle = summary["oracle"]["oracle"]
     assert set(summary["oracle"]) >= {"agreement", "render", "colour", "shape", "direction", "speed"}
+    curve = summary["selected"]["dev_oracle_curve"]  # the base, then every evaluation (epochs 5 and 10)
+    assert [c["epoch"] for c in curve] == [0, 5, 10]
+    best = max(curve[1:], key=lambda c: c["oracle"])
+    assert summary["selected"]["epoch"] == best["epoch"]
     if summary["oracle_worse"] or not oracle["after"] > oracle["before"]:
         pytest.xfail(f"issue 14's open bar: oracle {oracle['before']} -> {oracle['after']}, "
                      f"worse: {summary['oracle_worse']}")
+
+
+def test_dev_selection_keeps_the_best_ema_and_puts_it_back(monkeypatch):
+    """Early stopping on the dev split: the EMA of the best dev-oracle evaluation is what the demo reports."""
+    from types import SimpleNamespace
+
+    from astrolabe_rl.toy import demo, oracle
+
+    dev_scores = iter([0.30, 0.50, 0.40])  # base, epoch 5, epoch 10: the curve peaks and falls
+    monkeypatch.setattr(demo, "held_out_videos", lambda world, which, prompts, seeds: torch.zeros(len(prompts)))
+    monkeypatch.setattr(oracle, "oracle_scores", lambda videos, prompts: {"oracle": torch.tensor([next(dev_scores)])})
+    fake = SimpleNamespace(epoch=0, policy=SimpleNamespace(ema={"w": torch.zeros(2)}))
+    sel = demo.DevSelection(["a prompt"])
+    sel.watch(fake, "base")
+    for epoch, w in ((5, 1.0), (10, 2.0)):
+        fake.epoch = epoch
+        fake.policy.ema["w"].fill_(w)
+        sel.watch(fake, "after")
+    assert sel.restore_best(fake)
+    assert fake.policy.ema["w"].tolist() == [1.0, 1.0]  # epoch 5's EMA, in place
+    report = sel.report()
+    assert report["epoch"] == 5 and "peaked at epoch 5" in report["why"]
+    assert [c["oracle"] for c in report["dev_oracle_curve"]] == [0.3, 0.5, 0.4]
 
 
 def test_the_demo_headline_does_not_rise_for_a_run_that_only_hacks():

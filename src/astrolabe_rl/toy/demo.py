@@ -218,7 +218,46 @@ def plot_curves(metrics_file: Path, out: Path, levels: dict[str, Any] | None = N
 # ------------------------------------------------------------------------------------------------ the demo
 
 
-def summarise(world: Any, results: dict[str, Any], prompts: list[str], seeds: list[int], preset: str) -> dict[str, Any]:
+class DevSelection:
+    """Early stopping on the dev split's oracle: at every evaluation the EMA's dev-split videos are judged by the
+    oracle, and the best EMA so far is kept; the demo reports (and exports) that one, and says at which epoch.
+
+    The dev split is for tuning (`toy.world`), so choosing a checkpoint on it leaves the test split untouched. One
+    noise seed per dev prompt: a few seconds per evaluation.
+    """
+
+    def __init__(self, prompts: list[str]) -> None:
+        self.prompts = prompts
+        self.curve: list[dict[str, float]] = []  # {"epoch", "oracle"} per evaluation, the base at epoch 0
+        self.best: tuple[float, int, dict[str, Tensor]] | None = None  # (oracle, epoch, EMA adapter tensors)
+
+    def watch(self, world: Any, which: str) -> None:
+        from astrolabe_rl.toy.oracle import oracle_scores
+
+        value = float(oracle_scores(held_out_videos(world, which, self.prompts, [0]), self.prompts)["oracle"].mean())
+        self.curve.append({"epoch": world.epoch, "oracle": round(value, 4)})
+        if which == "after" and (self.best is None or value > self.best[0]):
+            self.best = (value, world.epoch, {k: v.detach().clone() for k, v in world.policy.ema.items()})
+
+    def restore_best(self, world: Any) -> bool:
+        """Put the best EMA back if a later one replaced it; True when it did."""
+        if self.best is None or self.best[1] == world.epoch:
+            return False
+        for k, v in world.policy.ema.items():
+            v.copy_(self.best[2][k])
+        return True
+
+    def report(self) -> dict[str, Any]:
+        epoch = None if self.best is None else self.best[1]
+        last = self.curve[-1]["epoch"] if self.curve else None
+        why = ("the last evaluation was the best on the dev split" if epoch == last else
+               f"the dev-split oracle peaked at epoch {epoch} and fell after: the demo stops there")
+        return {"epoch": epoch, "why": why, "dev_oracle_curve": self.curve}
+
+
+
+def summarise(world: Any, results: dict[str, Any], prompts: list[str], seeds: list[int], preset: str,
+              split: str = "test") -> dict[str, Any]:
     """The demo's JSON summary: the oracle headline first, then every oracle figure, the optimised proxies (and
     their gap closed), the monitors, and the KL to the base (with the σ it was measured at)."""
     from astrolabe_rl.train.logging import read_metrics
@@ -228,7 +267,7 @@ def summarise(world: Any, results: dict[str, Any], prompts: list[str], seeds: li
     return {
         **headline(results),
         "demo": preset, "epochs": world.cfg.train.epochs, "seed": world.cfg.train.seed,
-        "test_split": {"prompts": len(prompts), "seeds": seeds},
+        f"{split}_split": {"prompts": len(prompts), "seeds": seeds},
         "oracle": {k.removeprefix("oracle/"): v for k, v in results.items() if k.startswith("oracle/")},
         "proxy_gap_closed": results["total"]["gap_closed"],
         "proxies_worse": [n for n in world.rewards if results[n]["delta"] < -2 * results[n]["delta_se"]],
@@ -242,10 +281,11 @@ def summarise(world: Any, results: dict[str, Any], prompts: list[str], seeds: li
 
 def run_demo(out: str | Path | None = None, quick: bool = False, epochs: int | None = None, seed: int = 0,
              overrides: list[str] | tuple[str, ...] = (), progress: bool = True, test_prompts: int | None = None,
-             eval_seeds: int | None = None) -> dict[str, Any]:
+             eval_seeds: int | None = None, split: str = "test") -> dict[str, Any]:
     """Train (the recipe's own loop), evaluate before/after on the test split, write grids, curves and the summary;
     returns the summary. Each preset writes into its own folder (``runs/demo``, ``runs/demo-quick``);
-    ``test_prompts`` and ``eval_seeds`` override the preset's size of the before/after evaluation."""
+    ``test_prompts`` and ``eval_seeds`` override the preset's size of the before/after evaluation; ``split="dev"``
+    reports on the dev split instead (for tuning the recipe without looking at the test split)."""
     from astrolabe_rl.toy import world as toy_world
     from astrolabe_rl.train import recipe
 
@@ -254,21 +294,32 @@ def run_demo(out: str | Path | None = None, quick: bool = False, epochs: int | N
     out = Path(out or ("runs/demo-quick" if quick else "runs/demo"))
     cfg = demo_config(out, preset, epochs, seed, [f"log.progress={str(progress).lower()}", *overrides])
     seeds = list(range(eval_seeds or PRESETS[preset]["eval_seeds"]))
-    prompts = toy_world.eval_prompts(test_prompts or PRESETS[preset]["test_prompts"], split="test")
+    if split not in ("test", "dev"):
+        raise ValueError(f"the demo reports on the test split, or the dev split while tuning; got {split!r}")
+    prompts = toy_world.eval_prompts(test_prompts or PRESETS[preset]["test_prompts"], split=split)
+    dev = DevSelection(toy_world.eval_prompts(PRESETS[preset]["dev_prompts"], split="dev"))
     videos: dict[str, Tensor] = {}
     held: dict[str, Any] = {}
 
     def before(world: Any) -> None:
         videos["before"] = held_out_videos(world, "base", prompts, seeds)
+        dev.watch(world, "base")
 
     def after(world: Any) -> None:
+        if dev.restore_best(world):
+            recipe.export_adapter(world)  # the adapter on disk is the one the demo reports
         videos["after"] = held_out_videos(world, "after", prompts, seeds)
         videos["real"] = real_videos(prompts, seeds)
         held["results"] = compare(*(score(world, videos[k], prompts, seeds) for k in ("before", "after", "real")))
-        held["summary"] = summarise(world, held["results"], prompts, seeds, preset)
+        held["summary"] = {**summarise(world, held["results"], prompts, seeds, preset, split),
+                           "selected": dev.report()}
         held["prompts"] = prompts
 
-    recipe.train(cfg, recipe.Callbacks(on_start=before, on_end=after))
+    def each_epoch(world: Any, metrics: dict[str, float]) -> None:
+        if "eval/reward/total" in metrics:  # an evaluation epoch (`eval.every`, and the last)
+            dev.watch(world, "after")
+
+    recipe.train(cfg, recipe.Callbacks(on_start=before, on_epoch=each_epoch, on_end=after))
     write_outputs(out, Path(cfg.run_dir), videos, held["results"], held["prompts"], len(seeds))
     summary = {**held["summary"], "wall_s": round(time.perf_counter() - start, 1), "out": str(out)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -284,7 +335,7 @@ def write_outputs(out: Path, run_dir: Path, videos: dict[str, Tensor], levels: d
 
 def cmd_demo(args: argparse.Namespace) -> int:
     summary = run_demo(args.out, quick=args.quick, epochs=args.epochs, seed=args.seed, overrides=args.overrides,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, split=args.split)
     print(json.dumps(summary))
     return 0
 
@@ -300,6 +351,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="output folder: grids, curves, summary, the run (default: runs/demo, runs/demo-quick)")
     p.add_argument("--seed", type=int, default=0, help="train.seed: the adapter init, prompts, noise and σ draws")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--split", choices=("test", "dev"), default="test",
+                   help="where the before/after is reported: the test split, or the dev split while tuning a recipe")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.lr=1e-4 rollout.candidates=4")
     p.set_defaults(func=cmd_demo)
     return p
