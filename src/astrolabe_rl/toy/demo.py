@@ -6,13 +6,15 @@
 
 What runs: the toy family (`astrolabe_rl.toy`: the DMD-distilled student) through the recipe's own loop
 (`train.recipe.train` with `configs/demo.yaml`: NFT loss, old/EMA policies, KL to the base, one optimiser step per
-epoch) on ``toy_quality + toy_motion + toy_text`` (raw sum, weights 1, as released), watching the dev split.
+epoch) on ``toy_quality + toy_motion + toy_text`` (raw sum, weights 1, as released), watching the dev split;
+``--split dev`` reports on the dev split instead, to tune a recipe without looking at the test split.
 
 What it shows, on test-split prompts (colour-shape pairs never seen in pretraining, distillation or RL, and never
 tuned on; balanced in direction and speed) at fixed seeds:
 
-* ``before``: the base model (adapters disabled), ``after``: the EMA of the trained adapter, ``real``: the world's
-  own renders of the same prompts;
+* ``before``: the base model (adapters disabled), ``after``: the EMA of the trained adapter at the evaluation that
+  scored best on the dev split's oracle (early stopping: `DevSelection`; ``selected`` in the summary names the epoch
+  and the dev curve), ``real``: the world's own renders of the same prompts;
 * the headline, ``oracle_gap_closed = (after − before) / (real − before)`` of `toy.oracle` (prompt agreement and
   render-likeness: what no run optimises), with the oracle attributes that got worse (fell by more than two standard
   errors of the paired change); beside it every proxy reward, their combined gap closed, the monitors, and the KL to
@@ -346,7 +348,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="the ≈3-minute version (fewer prompts, epochs, test prompts and seeds)")
-    p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (full 60, quick 24)")
+    p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (full 50, quick 24)")
     p.add_argument("--out", default=None,
                    help="output folder: grids, curves, summary, the run (default: runs/demo, runs/demo-quick)")
     p.add_argument("--seed", type=int, default=0, help="train.seed: the adapter init, prompts, noise and σ draws")

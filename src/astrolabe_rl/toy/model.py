@@ -46,7 +46,8 @@ def load_toy_model(path: str | Path | None = None, device: torch.device | str = 
     if not path.is_file():
         raise FileNotFoundError(
             f"toy weights {path} are missing: reinstall the package, or rebuild them with "
-            "`python -m astrolabe_rl.toy.pretrain` (about 35 minutes on 2 CPU cores)"
+            "`python -m astrolabe_rl.toy.pretrain` (toy_fm, about 50 minutes on 2 CPU cores), then "
+            "`python -m astrolabe_rl.toy.distill` (toy, about 10 minutes more)"
         )
     model = CausalWan(get_family("toy").model)
     state = load_file(path)
