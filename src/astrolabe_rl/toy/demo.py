@@ -257,7 +257,6 @@ class DevSelection:
         return {"epoch": epoch, "why": why, "dev_oracle_curve": self.curve}
 
 
-
 def summarise(world: Any, results: dict[str, Any], prompts: list[str], seeds: list[int], preset: str,
               split: str = "test") -> dict[str, Any]:
     """The demo's JSON summary: the oracle headline first, then every oracle figure, the optimised proxies (and
@@ -287,7 +286,8 @@ def run_demo(out: str | Path | None = None, quick: bool = False, epochs: int | N
     """Train (the recipe's own loop), evaluate before/after on the test split, write grids, curves and the summary;
     returns the summary. Each preset writes into its own folder (``runs/demo``, ``runs/demo-quick``);
     ``test_prompts`` and ``eval_seeds`` override the preset's size of the before/after evaluation; ``split="dev"``
-    reports on the dev split instead (for tuning the recipe without looking at the test split)."""
+    reports on the dev split instead (for tuning the recipe without looking at the test split; the checkpoint is
+    then chosen on the split it is reported on, so its figure is an optimistic one)."""
     from astrolabe_rl.toy import world as toy_world
     from astrolabe_rl.train import recipe
 
