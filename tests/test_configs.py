@@ -88,7 +88,7 @@ def test_recipe_loads_validates_and_says_how_to_launch_it(path, tmp_path, monkey
     cfg = _shipped_config(path, tmp_path)  # load_config validates: unknown keys, choices, ranges, prompts, ...
 
     known = set(available_rewards())
-    names = [item.name for item in cfg.rewards.components] + list(cfg.rewards.monitors)
+    names = [item.name for item in cfg.rewards.components] + list(cfg.rewards.monitors) + list(cfg.eval.monitors)
     assert set(names) <= known, f"{path.name}: unregistered rewards {sorted(set(names) - known)}"
     if cfg.model.family not in ("tiny", "toy"):  # real weights: the official download layout by default
         assert cfg.model.checkpoint == DEFAULT_CHECKPOINTS[cfg.model.family].path

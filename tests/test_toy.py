@@ -136,6 +136,17 @@ def test_toy_rewards_are_registered():
     assert build_reward("toy_noise").monitor and not build_reward("toy_quality").monitor
 
 
+def test_the_oracle_is_registered_as_an_evaluation_monitor_that_ranks_renders_first():
+    from astrolabe_rl.toy.oracle import degrade
+
+    judge = build_reward("toy_oracle")
+    assert judge.monitor  # logged, never optimised
+    prompts = world.eval_prompts(4, split="dev")
+    real = world.render(prompts, list(range(4)))
+    clean, blurred = judge(real, prompts), judge(degrade(real, "blur"), prompts)
+    assert clean.shape == (4,) and (clean > 0.9).all() and (blurred < clean).all()
+
+
 # ------------------------------------------------------------------------------------------------ model
 
 
@@ -288,21 +299,20 @@ def test_dev_selection_keeps_the_best_ema_and_puts_it_back(monkeypatch):
 
     from astrolabe_rl.toy import demo, oracle
 
-    dev_scores = iter([0.30, 0.50, 0.40])  # base, epoch 5, epoch 10: the curve peaks and falls
     monkeypatch.setattr(demo, "held_out_videos", lambda world, which, prompts, seeds: torch.zeros(len(prompts)))
-    monkeypatch.setattr(oracle, "oracle_scores", lambda videos, prompts: {"oracle": torch.tensor([next(dev_scores)])})
-    fake = SimpleNamespace(epoch=0, policy=SimpleNamespace(ema={"w": torch.zeros(2)}))
-    sel = demo.DevSelection(["a prompt"])
-    sel.watch(fake, "base")
-    for epoch, w in ((5, 1.0), (10, 2.0)):
+    monkeypatch.setattr(oracle, "oracle_scores", lambda videos, prompts: {"oracle": torch.tensor([0.30])})
+    fake = SimpleNamespace(epoch=0, policy=SimpleNamespace(ema={"w": torch.zeros(2)}), eval_prompts=["a prompt"])
+    sel = demo.DevSelection()
+    sel.start(fake)  # the base: 0.30
+    for epoch, w, dev in ((4, 9.0, None), (5, 1.0, 0.50), (10, 2.0, 0.40)):  # the curve peaks at 5 and falls
         fake.epoch = epoch
         fake.policy.ema["w"].fill_(w)
-        sel.watch(fake, "after")
+        sel.watch(fake, {"reward/total": 1.0} | ({} if dev is None else {demo.DevSelection.METRIC: dev}))
     assert sel.restore_best(fake)
     assert fake.policy.ema["w"].tolist() == [1.0, 1.0]  # epoch 5's EMA, in place
     report = sel.report()
     assert report["epoch"] == 5 and "peaked at epoch 5" in report["why"]
-    assert [c["oracle"] for c in report["dev_oracle_curve"]] == [0.3, 0.5, 0.4]
+    assert [c["oracle"] for c in report["dev_oracle_curve"]] == [0.3, 0.5, 0.4]  # epoch 4 had no evaluation
 
 
 def test_the_demo_headline_does_not_rise_for_a_run_that_only_hacks():

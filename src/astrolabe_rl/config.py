@@ -117,6 +117,7 @@ class EvalConfig:
     every: int = _f(10, "evaluate every N epochs (0 = only at the end); evaluation is on when held-out prompts are given")
     seeds: list[int] = _f([0], "noise seeds per held-out prompt")
     videos: int = _f(4, "sample videos written per evaluation")
+    monitors: list[str] = _f([], "rewards scored only on the held-out videos, never optimised (judges too slow to run on every rollout, e.g. toy_oracle); logged as eval/monitor/<name>")
     kl_sigmas: list[float] = _f([1.0, 0.75, 0.5, 0.25], "noise levels σ (0 to 1) at which the EMA's KL to the base, ‖x̂0_ema − x̂0_ref‖², is measured on the held-out samples (eval/kl_base): one fixed set, so the curve is comparable across epochs; [] = off")
 
 

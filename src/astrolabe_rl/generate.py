@@ -45,6 +45,12 @@ class GenerateError(ValueError):
     """A user-fixable problem (missing file, bad prompt line); the CLI prints it without a traceback."""
 
 
+def _default_source() -> "ModelSource":
+    from astrolabe_rl.models.build import ModelSource  # imported when used: this module stays light for --help
+
+    return ModelSource()
+
+
 @dataclass
 class GenerateOptions:
     """Everything ``astrolabe generate`` does, typed (the CLI flags map one to one; ``evaluate`` builds one directly).
@@ -68,7 +74,7 @@ class GenerateOptions:
     """
 
     model: str = "tiny"
-    source: "ModelSource" = field(default_factory=lambda: _model_source())
+    source: "ModelSource" = field(default_factory=_default_source)
     prompt: str = "a red ball rolling to the right"
     prompts: str | None = None
     frames: int | None = None
@@ -82,13 +88,6 @@ class GenerateOptions:
     device: str | None = None
     dtype: str | None = None
     quiet: bool = False
-
-
-
-def _model_source(**fields_: Any) -> "ModelSource":
-    from astrolabe_rl.models.build import ModelSource  # imported when used: this module stays light for --help
-
-    return ModelSource(**fields_)
 
 
 # ---------------------------------------------------------------------------------------------- frames

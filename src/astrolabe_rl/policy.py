@@ -210,11 +210,8 @@ class Policy:
         samples (merged weights, the base's dtype). θ_old is folded back in before the next rollout."""
         model = self.sampling_model()
         self._fold(lambda layer, name: (self.ema[f"{name}.lora_A.weight"], self.ema[f"{name}.lora_B.weight"]))
-        self._sampling_stale = True
-        try:
-            yield model
-        finally:
-            self._sampling_stale = True
+        self._sampling_stale = True  # the next `sampling_model` folds θ_old back in, however this block exits
+        yield model
 
     # ------------------------------------------------------------------ adapters
 

@@ -1,6 +1,7 @@
 """The toy world's rewards in the registry: ``toy_quality`` (honest: the world's renders are its ceiling),
 ``toy_quality_hackable`` (fooled by noise, for the hacking benchmarks), ``toy_motion``, ``toy_text`` and the
-``toy_noise`` monitor of the hack (definitions and rationale in `astrolabe_rl.toy.rewards`)."""
+``toy_noise`` monitor of the hack (definitions and rationale in `astrolabe_rl.toy.rewards`), and ``toy_oracle``, the
+judge no run trains on (`astrolabe_rl.toy.oracle`; list it under ``eval.monitors``)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,14 @@ def _motion(monitor: bool = False) -> Reward:
 @register_reward("toy_text")
 def _text(monitor: bool = False) -> Reward:
     return _wrap("toy_text", toy.text_alignment, monitor)
+
+
+@register_reward("toy_oracle")
+def _oracle(monitor: bool = True) -> Reward:
+    from astrolabe_rl.toy.oracle import oracle_scores
+
+    # ~0.2 s a video on a CPU core: an evaluation judge (eval.monitors), too slow for every rollout
+    return _wrap("toy_oracle", lambda videos, prompts: oracle_scores(videos, prompts)["oracle"], monitor)
 
 
 @register_reward("toy_noise")

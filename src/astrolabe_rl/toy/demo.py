@@ -221,24 +221,34 @@ def plot_curves(metrics_file: Path, out: Path, levels: dict[str, Any] | None = N
 
 
 class DevSelection:
-    """Early stopping on the dev split's oracle: at every evaluation the EMA's dev-split videos are judged by the
-    oracle, and the best EMA so far is kept; the demo reports (and exports) that one, and says at which epoch.
+    """Early stopping on the dev split's oracle: every evaluation scores the EMA's dev-split videos with the oracle
+    (``toy_oracle`` in ``eval.monitors``), and the best EMA so far is kept; the demo reports (and exports) that one,
+    and says at which epoch.
 
-    The dev split is for tuning (`toy.world`), so choosing a checkpoint on it leaves the test split untouched. One
-    noise seed per dev prompt: a few seconds per evaluation.
+    The dev split is for tuning (`toy.world`), so choosing a checkpoint on it leaves the test split untouched.
     """
 
-    def __init__(self, prompts: list[str]) -> None:
-        self.prompts = prompts
+    METRIC = "eval/monitor/toy_oracle"
+
+    def __init__(self) -> None:
         self.curve: list[dict[str, float]] = []  # {"epoch", "oracle"} per evaluation, the base at epoch 0
         self.best: tuple[float, int, dict[str, Tensor]] | None = None  # (oracle, epoch, EMA adapter tensors)
 
-    def watch(self, world: Any, which: str) -> None:
+    def start(self, world: Any) -> None:
+        """The base's point of the curve: its dev-split videos at noise seed 0 (the evaluation's first)."""
         from astrolabe_rl.toy.oracle import oracle_scores
 
-        value = float(oracle_scores(held_out_videos(world, which, self.prompts, [0]), self.prompts)["oracle"].mean())
+        prompts = world.eval_prompts
+        value = float(oracle_scores(held_out_videos(world, "base", prompts, [0]), prompts)["oracle"].mean())
         self.curve.append({"epoch": world.epoch, "oracle": round(value, 4)})
-        if which == "after" and (self.best is None or value > self.best[0]):
+
+    def watch(self, world: Any, metrics: dict[str, float]) -> None:
+        """After an epoch: keep the EMA when that epoch's evaluation scored the best dev oracle so far."""
+        if self.METRIC not in metrics:  # not an evaluation epoch (`eval.every`, and the last)
+            return
+        value = metrics[self.METRIC]
+        self.curve.append({"epoch": world.epoch, "oracle": round(value, 4)})
+        if self.best is None or value > self.best[0]:
             self.best = (value, world.epoch, {k: v.detach().clone() for k, v in world.policy.ema.items()})
 
     def restore_best(self, world: Any) -> bool:
@@ -299,13 +309,13 @@ def run_demo(out: str | Path | None = None, quick: bool = False, epochs: int | N
     if split not in ("test", "dev"):
         raise ValueError(f"the demo reports on the test split, or the dev split while tuning; got {split!r}")
     prompts = toy_world.eval_prompts(test_prompts or PRESETS[preset]["test_prompts"], split=split)
-    dev = DevSelection(toy_world.eval_prompts(PRESETS[preset]["dev_prompts"], split="dev"))
+    dev = DevSelection()
     videos: dict[str, Tensor] = {}
     held: dict[str, Any] = {}
 
     def before(world: Any) -> None:
         videos["before"] = held_out_videos(world, "base", prompts, seeds)
-        dev.watch(world, "base")
+        dev.start(world)
 
     def after(world: Any) -> None:
         if dev.restore_best(world):
@@ -317,11 +327,7 @@ def run_demo(out: str | Path | None = None, quick: bool = False, epochs: int | N
                            "selected": dev.report()}
         held["prompts"] = prompts
 
-    def each_epoch(world: Any, metrics: dict[str, float]) -> None:
-        if "eval/reward/total" in metrics:  # an evaluation epoch (`eval.every`, and the last)
-            dev.watch(world, "after")
-
-    recipe.train(cfg, recipe.Callbacks(on_start=before, on_epoch=each_epoch, on_end=after))
+    recipe.train(cfg, recipe.Callbacks(on_start=before, on_epoch=dev.watch, on_end=after))
     write_outputs(out, Path(cfg.run_dir), videos, held["results"], held["prompts"], len(seeds))
     summary = {**held["summary"], "wall_s": round(time.perf_counter() - start, 1), "out": str(out)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -79,6 +79,7 @@ class World:
     rewards: dict[str, Reward]
     weights: dict[str, float]
     monitors: dict[str, Reward]
+    eval_monitors: dict[str, Reward]  # scored by `evaluate` only (eval.monitors)
     scorer: AsyncScorer  # rewards + monitors, in the background when rewards.async_scoring
     prompts: list[str]
     eval_prompts: list[str]
@@ -195,6 +196,7 @@ def _build(cfg: Config, ctx: dist.DistContext, lock: RunDirLock | None) -> World
         cfg=cfg, ctx=ctx, family=family, sampler=family.sampler_for(num_frames), num_frames=num_frames, io=io,
         policy=policy, train_model=train_model, optimizer=optimizer, rewards=rewards,
         weights={item.name: item.weight for item in cfg.rewards.components}, monitors=monitors,
+        eval_monitors={name: build_reward(name) for name in cfg.eval.monitors},
         scorer=AsyncScorer({**rewards, **monitors}, enabled=cfg.rewards.async_scoring, on_error=None),
         prompts=prompts, eval_prompts=_read_prompts(cfg.data.eval_prompts, cfg.data.eval_inline, "data.eval_prompts"),
         sampler_plan=dist.GroupSampler(len(prompts), cfg.rollout.prompts_per_epoch, cfg.rollout.candidates,
@@ -458,7 +460,7 @@ def evaluate(world: World) -> dict[str, float]:
     jobs = [(p, seed * 100_003 + i) for seed in cfg.eval.seeds for i, p in enumerate(world.eval_prompts)]
     share = -(-len(jobs) // ctx.world_size)
     mine = (jobs + jobs[-1:] * (share * ctx.world_size - len(jobs)))[ctx.rank * share : (ctx.rank + 1) * share]
-    scorers = {**world.rewards, **world.monitors}
+    scorers = {**world.rewards, **world.monitors, **world.eval_monitors}
     local: dict[str, list[Tensor]] = {name: [] for name in scorers}
     written = 0
     kl: list[Tensor] = []
