@@ -52,21 +52,23 @@ OPTIONS: list[tuple[str, list[str]]] = [
 QUICK_SIZE = ["rollout.prompts_per_epoch=2", "rollout.candidates=4", "eval.every=0"]
 
 
-def _mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
 
 
-def run(options: list[tuple[str, list[str]]], seeds: list[int], epochs: int, quick: bool, workdir: Path) -> list[dict]:
-    """Every option × seed; one dict per option with the per-seed demo summaries."""
+def run(options: list[tuple[str, list[str]]], seeds: list[int], epochs: int, quick: bool, workdir: Path,
+        **demo_kwargs: object) -> list[dict]:
+    """Every option × seed (`run_demo` with the option's overrides, and ``demo_kwargs``); one dict per option with
+    the per-seed demo summaries."""
     rows = []
     for label, overrides in options:
         runs = []
         for seed in seeds:
-            out = workdir / label.replace("=", "-").replace(" ", "_").replace("β", "beta") / f"seed{seed}"
+            out = workdir / "".join(c if c.isalnum() or c in "-." else "_" for c in label) / f"seed{seed}"
             extra = [*overrides, *(QUICK_SIZE if quick else [])]
             s = run_demo(out, quick=True, epochs=epochs, seed=seed, overrides=extra, progress=False,
-                         **({"test_prompts": 2, "eval_seeds": 1} if quick else {}))
+                         **({"test_prompts": 2, "eval_seeds": 1} if quick else {}), **demo_kwargs)
             runs.append(s)
             print(f"{label} seed {seed}: oracle gap closed {s['oracle_gap_closed']:.3f} "
                   f"({s['wall_s']:.0f} s)", file=sys.stderr, flush=True)
@@ -101,13 +103,13 @@ def table(rows: list[dict], seeds: list[int], epochs: int) -> str:
     for row in rows:
         runs = row["runs"]
         cells = [
-            _mean_sd([r["oracle_gap_closed"] for r in runs]),
-            _mean_sd([r["oracle"]["agreement"]["after"] for r in runs]),
-            _mean_sd([r["oracle"]["render"]["after"] for r in runs]),
-            *[_mean_sd([r["rewards"][n]["after"] for r in runs]) for n in rewards],
-            _mean_sd([r["proxy_gap_closed"] for r in runs]),
-            _mean_sd([r["hack_monitor"]["after"] for r in runs]),
-            _mean_sd([r["kl_base_final"] for r in runs]) if all(r["kl_base_final"] is not None for r in runs) else "-",
+            mean_sd([r["oracle_gap_closed"] for r in runs]),
+            mean_sd([r["oracle"]["agreement"]["after"] for r in runs]),
+            mean_sd([r["oracle"]["render"]["after"] for r in runs]),
+            *[mean_sd([r["rewards"][n]["after"] for r in runs]) for n in rewards],
+            mean_sd([r["proxy_gap_closed"] for r in runs]),
+            mean_sd([r["hack_monitor"]["after"] for r in runs]),
+            mean_sd([r["kl_base_final"] for r in runs]) if all(r["kl_base_final"] is not None for r in runs) else "-",
         ]
         lines.append(f"| {row['option']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -269,7 +269,7 @@ def sampling_model(policy, path: str):
     if path in ("recipe", "unmerged"):
         return policy.use("old")
     if path == "base":
-        return policy.use("ref")
+        return policy.use("base")
     raise ValueError(f"unknown --path {path!r}; use recipe, unmerged or base")
 
 
@@ -331,7 +331,7 @@ def count_train_sample(policy, family, kl: bool = True) -> Costs:
             with policy.use("old") as m:
                 x0_from_velocity(x_t, m(x_t, sigma * 1000, text, **layout), sigma)
             if kl:
-                with policy.use("ref") as m:
+                with policy.use("base") as m:
                     x0_from_velocity(x_t, m(x_t, sigma * 1000, text, **layout), sigma)
     with counting() as theta:
         theta.backward = True

@@ -120,11 +120,15 @@ def test_recipe_loads_validates_and_says_how_to_launch_it(path, tmp_path, monkey
 
 def _tiny_overrides(cfg: Config, run_dir: Path, *extra: str) -> list[str]:
     """The recipe on the tiny family at a CPU geometry; everything else (LoRA, hyper-parameters, strategy, the
-    number and weights of the rewards, async scoring) as shipped."""
+    number and weights of the rewards, selective KL's roles for them, async scoring) as shipped."""
     assert len(cfg.rewards.components) <= len(CHEAP_REWARDS)
     cheap = ", ".join(f"{{name: {name}, weight: {item.weight}}}"
                       for name, item in zip(CHEAP_REWARDS, cfg.rewards.components))
-    return [
+    rename = {item.name: name for name, item in zip(CHEAP_REWARDS, cfg.rewards.components)}
+    roles = [f"regularize.main={rename[cfg.regularize.main]}",
+             f"regularize.auxiliary=[{', '.join(rename[a] for a in cfg.regularize.auxiliary)}]"
+             ] if cfg.regularize.mode == "selective" else []
+    return [*roles,
         "model.family=tiny", "model.checkpoint=null", "model.wan_dir=null", "model.lora=null", "lora.init=null",
         "model.device=cpu", "model.dtype=float32",
         "data.train_prompts=null", "data.eval_prompts=null", "data.prompts=[a red ball, a blue cube, a green cone]",

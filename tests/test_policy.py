@@ -41,7 +41,7 @@ def test_adapters_start_at_the_base_and_switch_cleanly():
     _perturb(pol.adapter_params("default"))
     with pol.use("old") as m:
         old = _out(m)
-    with pol.use("ref") as m:
+    with pol.use("base") as m:
         ref = _out(m)
     torch.testing.assert_close(old, base, atol=0, rtol=0)
     torch.testing.assert_close(ref, base, atol=0, rtol=0)
@@ -55,7 +55,7 @@ def test_soft_update_moves_old_by_the_scheduled_amount():
     _perturb(pol.adapter_params("default"))
     before = {k: v.clone() for k, v in pol.adapter_params("old").items()}
     theta = {k: v.clone() for k, v in pol.adapter_params("default").items()}
-    pol.soft_update_old(0.3)
+    pol.soft_update("old", 0.3)
     for k, p in pol.adapter_params("old").items():
         torch.testing.assert_close(p, 0.3 * before[k] + 0.7 * theta[k])
 
@@ -144,7 +144,7 @@ def test_merged_sampling_copy_generates_what_the_unmerged_adapter_generates():
         unmerged = _rollout(model)
     merged = _rollout(policy.sampling_model())
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
-    with policy.use("ref") as model:
+    with policy.use("base") as model:
         assert (_rollout(model) - unmerged).abs().max() > 1e-3  # the adapter changes the videos
     assert not any(p.requires_grad for p in policy.sampling_model().parameters())
     assert not any(".lora_" in n for n, _ in policy.sampling_model().named_parameters())
@@ -154,7 +154,7 @@ def test_sampling_copy_follows_every_change_of_old():
     policy = _policy()
     copy = policy.sampling_model()
     for change in (
-        lambda: (_perturb(policy.adapter_params("default"), seed=5), policy.soft_update_old(0.5)),
+        lambda: (_perturb(policy.adapter_params("default"), seed=5), policy.soft_update("old", 0.5)),
         lambda: policy.load_state_dict({**policy.state_dict(), "old": {
             k: v + 0.05 for k, v in policy.state_dict()["old"].items()}}),
         lambda: policy.copy_("old", "default"),
@@ -198,7 +198,7 @@ def test_the_ema_sampling_copy_generates_what_the_ema_adapter_generates():
         for p in pol.trainable_parameters():
             p.normal_(std=0.05)
     pol.update_ema(0.0)  # EMA = θ
-    pol.soft_update_old(0.5)  # θ_old ≠ θ
+    pol.soft_update("old", 0.5)  # θ_old ≠ θ
     text = torch.randn(2, fam.model.text_len, fam.model.text_dim)
     go = lambda m: rollout(m, text, num_frames=3, latent_hw=fam.latent_hw, sampler=fam.sampler, seeds=[1, 2]).latents  # noqa: E731
     with torch.no_grad():

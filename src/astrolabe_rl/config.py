@@ -108,8 +108,27 @@ class TrainConfig:
     old_decay_rate: float = _f(0.001, "η gained per optimiser step by schedule 1 (released 0.001: η = 0.5 at step 500)")
     old_decay_max: float = _f(0.5, "the cap of η in schedule 1 (released 0.5), in [0, 1)")
     ema_decay: float = _f(0.9, "EMA decay of the trained adapter (eval and export)")
+    reference: str = _f("base", "the KL's reference x̂0_ref: base (the frozen distilled model, released default), dynamic (a copy of θ re-taken by the released reset rule, regularize.reset_*), ema_ensemble (the mean prediction of EMAs of θ at regularize.ema_decays)")
     seed: int = _f(42, "seed of the adapter init, prompts, noise and σ draws")
     skip_nonfinite: bool = _f(True, "skip the optimiser step when the loss or gradient is NaN/inf (logged)")
+
+
+@dataclass
+class RegularizeConfig:
+    mode: str = _f("uniform", "which samples the KL covers: uniform (every sample, released default) or selective (those whose main reward the auxiliaries do not back: algo.regularize)")
+    main: str | None = _f(None, "selective: the main reward, a rewards.components name (released: video_hpsv3_local)")
+    auxiliary: list[str] = _f([], "selective: one or two rewards.components names that must back the main reward (released: the MQ reward)")
+    sign: str = _f("optimism", "selective: optimism penalises main high / auxiliaries low (the paper's intent); release reproduces the released code's opposite sign")
+    measure: str = _f("rank", "selective: rank (ranks over the epoch's samples, released) or winrate (win-rates within the prompt group, GARDO)")
+    rho: float = _f(0.1, "selective: starting share ρ of the non-negative disagreements that the KL covers (released 0.1)")
+    rho_min: float = _f(0.02, "selective: lower bound of the adaptive ρ (released 0.02)")
+    rho_max: float = _f(0.2, "selective: upper bound of the adaptive ρ (released 0.2)")
+    rho_buffer: int = _f(20, "selective: epochs of mean disagreement that ρ's adaptation compares against (released 20)")
+    reset_threshold: float = _f(0.15, "train.reference=dynamic: the starting threshold on the last step's selected KL ‖x̂0_θ − x̂0_ref‖² above which the reference is re-copied from θ (released 0.15; moves ±0.01 after each copy)")
+    reset_max_gap: int = _f(15, "train.reference=dynamic: epochs after which the reference is re-copied whatever the KL (released 15)")
+    reset_clamp: str = _f("release", "train.reference=dynamic: release caps a raised threshold at 0.05 as the released code does (a quirk: it lowers it); corrected caps it at reset_threshold_max")
+    reset_threshold_max: float = _f(0.2, "train.reference=dynamic with reset_clamp=corrected: the highest threshold")
+    ema_decays: list[float] = _f([0.9, 0.99, 0.999], "train.reference=ema_ensemble: the decays of the EMAs of θ whose mean x̂0 is the reference (each one more forward pass per micro-batch)")
 
 
 @dataclass
@@ -155,6 +174,8 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"doc": "sampling"})
     rewards: RewardsConfig = field(default_factory=RewardsConfig, metadata={"doc": "the objective"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "the NFT update"})
+    regularize: RegularizeConfig = field(default_factory=RegularizeConfig,
+                                         metadata={"doc": "which samples the KL covers, and how its reference moves"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "held-out evaluation"})
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"doc": "saving and resuming"})
     log: LogConfig = field(default_factory=LogConfig, metadata={"doc": "outputs"})
@@ -166,7 +187,7 @@ CRITICAL_KEYS = (
     "model.family", "model.checkpoint", "lora.rank", "lora.alpha", "lora.targets", "rollout.prompts_per_epoch",
     "rollout.candidates", "rollout.num_frames", "train.beta", "train.kl_weight", "train.adv_clip", "train.loss_form",
     "train.sigmas", "train.context", "train.old_decay", "train.old_decay_rate", "train.old_decay_max", "train.seed", "train.epochs", "rewards.components",
-    "rewards.combine",
+    "rewards.combine", "train.reference", "regularize",
 )
 
 _CHOICES = {
@@ -182,11 +203,17 @@ _CHOICES = {
     "train.context": ("noisy", "clean"),
     "train.old_decay": (0, 1, 2),
     "dist.strategy": ("ddp", "fsdp2", "none"),
+    "train.reference": ("base", "dynamic", "ema_ensemble"),
+    "regularize.mode": ("uniform", "selective"),
+    "regularize.sign": ("optimism", "release"),
+    "regularize.measure": ("rank", "winrate"),
+    "regularize.reset_clamp": ("release", "corrected"),
 }
 
 _POSITIVE = (
     "rollout.prompts_per_epoch", "rollout.candidates", "rollout.micro_batch", "train.epochs", "train.lr",
     "lora.rank", "lora.alpha", "train.grad_clip", "train.adv_clip", "checkpoint.keep_last", "train.adam_eps",
+    "regularize.rho_buffer", "regularize.reset_threshold", "regularize.reset_max_gap", "regularize.reset_threshold_max",
 )
 
 # Periods and counts where 0 has a meaning (see each field's doc) but a negative value has none.
@@ -394,6 +421,7 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.beta={cfg.train.beta} must lie in [0, 1] (released: 0.1)")
     if cfg.train.kl_weight < 0:
         raise ValueError(f"train.kl_weight must be >= 0, got {cfg.train.kl_weight}")
+    _validate_regularize(cfg)
     if not 0 <= cfg.train.ema_decay < 1:
         raise ValueError(f"train.ema_decay must lie in [0, 1), got {cfg.train.ema_decay}")
     if cfg.rollout.candidates < 2:
@@ -418,6 +446,38 @@ def validate(cfg: Config) -> None:
             f"model.family={cfg.model.family!r} needs model.checkpoint (the official weights) and model.wan_dir "
             "(the Wan2.1-T2V-1.3B folder with the umT5 encoder and the VAE)"
         )
+
+
+def _validate_regularize(cfg: Config) -> None:
+    """Selective KL and the moving references, checked before anything is built (errors name the field)."""
+    reg, names = cfg.regularize, [item.name for item in cfg.rewards.components]
+    if not 0 < reg.rho_min <= reg.rho_max <= 1:
+        raise ValueError(f"regularize.rho_min={reg.rho_min} and regularize.rho_max={reg.rho_max} must satisfy "
+                         "0 < rho_min <= rho_max <= 1 (released 0.02 and 0.2)")
+    if not reg.rho_min <= reg.rho <= reg.rho_max:
+        raise ValueError(f"regularize.rho={reg.rho} must lie in [regularize.rho_min, regularize.rho_max] = "
+                         f"[{reg.rho_min}, {reg.rho_max}]")
+    if cfg.train.reference == "ema_ensemble" and not (reg.ema_decays and all(0 < d < 1 for d in reg.ema_decays)):
+        raise ValueError(f"regularize.ema_decays={reg.ema_decays} must be one or more decays in (0, 1) "
+                         "for train.reference=ema_ensemble, e.g. [0.9, 0.99, 0.999]")
+    if (reg.mode == "selective" or cfg.train.reference != "base") and cfg.train.kl_weight == 0:
+        what = "regularize.mode=selective" if reg.mode == "selective" else f"train.reference={cfg.train.reference}"
+        raise ValueError(f"{what} shapes the KL term, but train.kl_weight=0 turns it off: set train.kl_weight > 0")
+    if reg.mode != "selective":
+        return
+    if len(names) < 2:
+        raise ValueError("regularize.mode=selective compares a main reward with auxiliary ones, but "
+                         f"rewards.components has {len(names)} reward(s): configure at least two")
+    if reg.main not in names:
+        raise ValueError(f"regularize.main={reg.main!r} must name one of rewards.components: {names}")
+    if not 1 <= len(reg.auxiliary) <= 2 or len(set(reg.auxiliary)) != len(reg.auxiliary):
+        raise ValueError(f"regularize.auxiliary={reg.auxiliary} must list one or two distinct rewards (as released)")
+    for name in reg.auxiliary:
+        if name not in names:
+            raise ValueError(f"regularize.auxiliary names {name!r}, which is not a configured reward; "
+                             f"choose from rewards.components: {names}")
+        if name == reg.main:
+            raise ValueError(f"regularize.auxiliary lists the main reward {name!r}: an auxiliary must be another reward")
 
 
 # ------------------------------------------------------------------------------------------------ output

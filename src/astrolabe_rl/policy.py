@@ -3,7 +3,9 @@
 * ``default`` is θ, the only thing the optimiser sees.
 * ``old`` is θ_old: rollouts are sampled from it and it anchors the implicit policies x̂0± of the NFT loss; it follows
   θ by the soft update ``θ_old ← η·θ_old + (1 − η)·θ`` after every step (`algo.sync`).
-* The KL reference is the base model with every adapter disabled (peft's ``disable_adapter``).
+* The KL reference is the base model with every adapter disabled (``use("base")``: peft's ``disable_adapter``), or
+  one or more extra adapters (``extra_adapters``): the dynamic reference (a copy of θ re-taken now and then) or the
+  EMAs of θ of the EMA-ensemble reference; they follow θ only through `copy_` and `soft_update`.
 * The EMA of θ is swapped in for evaluation and export (`ema_weights`).
 * Rollouts run through `sampling_model`: a plain CausalWan whose target weights are ``W + (α/r)·B_old·A_old`` folded
   in once, in the base model's dtype (bfloat16 on GPU), so sampling costs exactly what the bare model costs (no
@@ -36,7 +38,7 @@ DEFAULT_TARGETS = (
     "ffn.0", "ffn.2",
 )
 
-Adapter = Literal["default", "old", "ref"]
+Adapter = str  # "default" (θ), "old" (θ_old), "base" (every adapter disabled) or one of the extra adapters
 
 
 def lora_target_names(model: CausalWan, targets: Sequence[str] = DEFAULT_TARGETS) -> list[str]:
@@ -94,6 +96,8 @@ class Policy:
         seed: seeds the adapters' random initialisation (peft draws lora_A from the global generator, whose state
             is left untouched), so that a run is reproducible and every rank starts from the same θ; None draws
             from the global generator as it is.
+        extra_adapters: names of further adapters (the moving KL references), initialised as copies of θ, never
+            trained, checkpointed with the rest.
         sampling_dtype: dtype of the merged sampling copy; None: the base weights' dtype (bf16 on GPU).
         compile_sampling: ``torch.compile`` the sampling copy's blocks; None: on CUDA only.
     """
@@ -106,6 +110,7 @@ class Policy:
         dropout: float = 0.0,
         targets: Sequence[str] = DEFAULT_TARGETS,
         seed: int | None = None,
+        extra_adapters: Sequence[str] = (),
         sampling_dtype: torch.dtype | None = None,
         compile_sampling: bool | None = None,
     ) -> None:
@@ -121,6 +126,12 @@ class Policy:
                 torch.manual_seed(seed)
             self.peft = get_peft_model(model, self.lora_config, adapter_name="default")
             self.peft.add_adapter("old", self.lora_config)
+        clash = {"default", "old", "base", "ema"} & set(extra_adapters)
+        if clash:
+            raise ValueError(f"extra adapter names {sorted(clash)} are reserved; choose other names")
+        for name in extra_adapters:
+            self.peft.add_adapter(name, self.lora_config)
+        self.extra_adapters = tuple(extra_adapters)
         _compute_in_activation_dtype(model)
         self.peft.set_adapter("default")
         self.model = model  # the same object, now with LoRA layers; call its modes directly
@@ -128,7 +139,8 @@ class Policy:
         self.compile_sampling = compile_sampling
         self._sampling: CausalWan | None = None
         self._sampling_stale = True
-        self.copy_("old", "default")
+        for name in ("old", *self.extra_adapters):
+            self.copy_(name, "default")
         self.ema = {k: v.detach().clone() for k, v in self.adapter_params("default").items()}
 
     # ------------------------------------------------------------------ parameters
@@ -158,7 +170,7 @@ class Policy:
     def sampling_model(self) -> CausalWan:
         """θ_old merged into a plain CausalWan (``W + (α/r)·B_old·A_old`` per target, cast to ``sampling_dtype``):
         what every rollout runs through. Built on the first call (compiled on CUDA), refreshed here whenever θ_old
-        changed through this class (`soft_update_old`, `copy_`, `load_state_dict`, `load_adapter`). Use it under
+        changed through this class (`soft_update`, `copy_`, `load_state_dict`, `load_adapter`). Use it under
         ``torch.no_grad()``; its parameters never require grad."""
         if self._sampling is None:
             self._sampling = self._new_sampling_copy()
@@ -217,30 +229,31 @@ class Policy:
 
     @contextlib.contextmanager
     def use(self, adapter: Adapter) -> Iterator[CausalWan]:
-        """Run the DiT as θ (``default``), θ_old (``old``) or the reference (``ref``: adapters disabled)."""
+        """Run the DiT as θ (``default``), θ_old (``old``), the bare base (``base``: adapters disabled) or one of the
+        extra adapters."""
         if adapter == "default":
             yield self.model
-        elif adapter == "ref":
+        elif adapter == "base":
             with self.peft.disable_adapter():
                 yield self.model
-        elif adapter == "old":
-            self.peft.set_adapter("old")
+        elif adapter in ("old", *self.extra_adapters):
+            self.peft.set_adapter(adapter)
             try:
                 yield self.model
             finally:  # set_adapter also moves requires_grad: only `default` may be trainable afterwards
                 self.peft.set_adapter("default")
         else:
-            raise ValueError(f"unknown adapter {adapter!r}; use default, old or ref")
+            raise ValueError(f"unknown adapter {adapter!r}; use default, old, base or one of {list(self.extra_adapters)}")
 
     @torch.no_grad()
-    def soft_update_old(self, eta: float) -> None:
-        """θ_old ← η·θ_old + (1 − η)·θ (η = 0 copies θ)."""
+    def soft_update(self, adapter: str, eta: float) -> None:
+        """adapter ← η·adapter + (1 − η)·θ (η = 0 copies θ): θ_old's schedule, the EMA-ensemble's references."""
         from astrolabe_rl.algo.sync import soft_update_
 
         src = self.adapter_params("default")
-        dst = self.adapter_params("old")
+        dst = self.adapter_params(adapter)
         soft_update_([dst[k] for k in src], [src[k] for k in src], eta)
-        self._sampling_stale = True
+        self._sampling_stale |= adapter == "old"
 
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
@@ -268,17 +281,21 @@ class Policy:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
-        """Everything needed to resume: the two adapters and the EMA (adapter-free names), whole tensors whatever
+        """Everything needed to resume: every adapter and the EMA (adapter-free names), whole tensors whatever
         the sharding (under FSDP2 every rank must call this: it all-gathers)."""
+        whole = lambda a: {k: full_tensor(v.detach()).clone() for k, v in self.adapter_params(a).items()}  # noqa: E731
         return {
-            "default": {k: full_tensor(v.detach()).clone() for k, v in self.adapter_params("default").items()},
-            "old": {k: full_tensor(v.detach()).clone() for k, v in self.adapter_params("old").items()},
+            **{a: whole(a) for a in ("default", "old", *self.extra_adapters)},
             "ema": {k: v.clone() for k, v in self.ema.items()},
         }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
-        for adapter in ("default", "old"):
+        missing = [a for a in self.extra_adapters if a not in state]
+        if missing:
+            raise ValueError(f"the checkpoint has no state for the reference adapter(s) {missing}: it was saved "
+                             "with another train.reference")
+        for adapter in ("default", "old", *self.extra_adapters):
             _load_into(self.adapter_params(adapter), state[adapter], adapter)
         _load_into(self.ema, state["ema"], "ema")
         self._sampling_stale = True

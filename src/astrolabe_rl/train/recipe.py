@@ -6,9 +6,11 @@ One epoch is one optimiser step (`reference/astrolabe.md` §2.2, DESIGN §3):
     batch     = rollout_phase(...)                         θ_old samples clean latents x0 [n, F, C, H, W]; each
                                                            micro-batch is decoded and sent to the scorer
     scores    = score_phase(...)                           every reward raw (+ monitors)
+    reference_phase(...)                                   train.reference=dynamic: re-copy the reference from θ?
     adv       = advantage_phase(...)                       gather, combine, A = (R − mean_group)/(std + 1e-4), r
+    kl_mask   = regularize_phase(...)                      which samples the KL covers (all, or the selective set)
     stats     = update_phase(...)                          per micro-batch: σ, ε, x_t, 3 passes, NFT loss; one step
-    sync_phase(...)                                        θ_old ← η·θ_old + (1 − η)·θ ; EMA
+    sync_phase(...)                                        θ_old ← η·θ_old + (1 − η)·θ ; EMA (+ the EMA references)
     evaluate / log / checkpoint
 
 `train` runs `setup`, the epochs and `teardown`; a caller that needs to act around them (the toy demo films the
@@ -25,13 +27,22 @@ import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from astrolabe_rl.algo.advantages import group_advantages, group_reward_stats, optimality_probability
 from astrolabe_rl.algo.nft import kl_term, nft_objective
+from astrolabe_rl.algo.regularize import (
+    RegularizerState,
+    adapt_rho,
+    mean_non_negative,
+    next_threshold,
+    select,
+    should_reset,
+    uncertainty,
+)
 from astrolabe_rl.algo.sync import ema_decay, old_decay
 from astrolabe_rl.config import CRITICAL_KEYS, Config, TrainConfig, dump_yaml, to_dict
 from astrolabe_rl.models.build import ModelIO, ModelSource, load_model_io
@@ -85,6 +96,8 @@ class World:
     eval_prompts: list[str]
     sampler_plan: dist.GroupSampler
     logger: RunLogger
+    reference: tuple[str, ...]  # `Policy.use` names whose mean x̂0 is the KL's reference (`reference_adapters`)
+    reg: RegularizerState  # selective KL's ρ and buffer, the dynamic reference's threshold and last copy
     step: int = 0
     epoch: int = 0
 
@@ -135,6 +148,16 @@ def model_source(cfg: Config) -> ModelSource:
     return ModelSource(checkpoint=m.checkpoint, lora=m.lora, wan_dir=m.wan_dir, init_seed=m.init_seed, vae=m.vae)
 
 
+def reference_adapters(cfg: Config) -> tuple[str, ...]:
+    """The adapters whose mean x̂0 is the KL's reference (``train.reference``): the bare base model, one copy of θ
+    re-taken by the dynamic rule, or one EMA of θ per ``regularize.ema_decays``."""
+    if cfg.train.reference == "base":
+        return ("base",)
+    if cfg.train.reference == "dynamic":
+        return ("ref",)
+    return tuple(f"ref_ema{i}" for i in range(len(cfg.regularize.ema_decays)))
+
+
 def setup(cfg: Config) -> World:
     """Build the world: distributed context, model + adapters, optimiser, rewards, prompts, logger, resume.
 
@@ -175,11 +198,15 @@ def _build(cfg: Config, ctx: dist.DistContext, lock: RunDirLock | None) -> World
     io.model.gradient_checkpointing = cfg.model.gradient_checkpointing
     io.model.attn_backend = cfg.model.attn_backend
     compile_ = {"auto": None, "on": True, "off": False}[cfg.model.compile]
+    reference = reference_adapters(cfg)
     policy = Policy(io.model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets,
-                    seed=dist.mix_seed(cfg.train.seed, "lora-init"), compile_sampling=compile_)
+                    seed=dist.mix_seed(cfg.train.seed, "lora-init"), compile_sampling=compile_,
+                    extra_adapters=[a for a in reference if a != "base"])
     io.model.compile_blocks(compile_)
     if cfg.lora.init:
         policy.load_adapter(cfg.lora.init)
+        for name in policy.extra_adapters:  # a moving reference starts where θ starts
+            policy.copy_(name, "default")
     train_model = dist.wrap_model(policy.model, ctx, cfg.dist.strategy)
     optimizer = torch.optim.AdamW(
         policy.trainable_parameters(),
@@ -203,6 +230,8 @@ def _build(cfg: Config, ctx: dist.DistContext, lock: RunDirLock | None) -> World
                                        ctx.world_size, ctx.rank, cfg.train.seed),
         logger=RunLogger(Path(cfg.run_dir), tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
                          wandb_project=cfg.log.wandb_project, config=to_dict(cfg), is_main=ctx.is_main, owner=lock),
+        reference=reference,
+        reg=RegularizerState(rho=cfg.regularize.rho, threshold=cfg.regularize.reset_threshold),
     )
     _maybe_resume(world)
     return world
@@ -222,6 +251,8 @@ def _maybe_resume(world: World) -> None:
     dist.shard_optimizer_state_(world.optimizer)
     world.step, world.epoch = state["trainer"]["step"], state["trainer"]["epoch"]
     world.sampler_plan.load_state_dict(state["trainer"]["sampler"])
+    if "regularizer" in state["trainer"]:
+        world.reg = RegularizerState.from_state_dict(state["trainer"]["regularizer"])
     restore_rng(state["rng"])
     world.logger.rewind(world.step, epoch=world.epoch)  # what was logged after the checkpoint is logged again
     if world.ctx.is_main:
@@ -341,6 +372,44 @@ def advantage_phase(world: World, batch: Batch, scores: dict[str, Tensor]) -> Ad
     return Advantages(r[mine], keep, ~failed, adv[mine], total[mine], {k: v[mine] for k, v in norm.items()}, metrics)
 
 
+def regularize_phase(world: World, batch: Batch, scores: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    """Which of this rank's samples the KL covers, ``[n]`` bool: every one (``regularize.mode=uniform``), or the
+    selective set (`algo.regularize`): U from the main and auxiliary rewards over the epoch's gathered samples, ρ
+    adapted on this epoch's mean disagreement, then the top ρ of U ≥ 0."""
+    reg, rcfg = world.reg, world.cfg.regularize
+    n = batch.latents.shape[0]
+    if rcfg.mode == "uniform":
+        return torch.ones(n, dtype=torch.bool, device=batch.latents.device), {}
+    gather = lambda x: dist.all_gather_cat(world.ctx, x)  # noqa: E731
+    u = uncertainty(gather(scores[rcfg.main].float()), [gather(scores[a].float()) for a in rcfg.auxiliary],
+                    sign=rcfg.sign, measure=rcfg.measure, group_ids=gather(batch.prompt_ids))
+    mean_pos = mean_non_negative(u)
+    reg.rho, reg.buffer = adapt_rho(reg.rho, mean_pos, reg.buffer, rcfg.rho_min, rcfg.rho_max, rcfg.rho_buffer)
+    mask, tau = select(u, reg.rho)
+    mine = torch.isin(gather(batch.global_index), batch.global_index)  # as in `advantage_phase`
+    metrics = {"reg/kl_frac": float(mask.float().mean()), "reg/rho": reg.rho, "reg/tau": tau,
+               "reg/u_pos_mean": mean_pos, "reg/u_pos_frac": float((u >= 0).float().mean())}
+    return mask[mine], metrics
+
+
+def reference_phase(world: World) -> dict[str, float]:
+    """``train.reference=dynamic``, at the start of an epoch: hard-copy θ into the reference when the last step's
+    selected KL passed the threshold, or more than ``regularize.reset_max_gap`` epochs passed since the last copy;
+    after a copy the threshold moves with the gap between the two copies (released rules, `algo.regularize`)."""
+    reg, rcfg = world.reg, world.cfg.regularize
+    if world.cfg.train.reference != "dynamic":
+        return {}
+    gap = world.epoch - reg.last_reset
+    reset = should_reset(reg.last_kl, reg.threshold, gap, rcfg.reset_max_gap)
+    if reset:
+        world.policy.copy_("ref", "default")
+        reg.threshold = next_threshold(reg.threshold, gap, rcfg.reset_clamp, high=rcfg.reset_threshold_max,
+                                       long_gap=rcfg.reset_max_gap)
+        reg.last_reset, reg.resets = world.epoch, reg.resets + 1
+    return {"reg/ref_reset": float(reset), "reg/ref_resets": float(reg.resets), "reg/ref_threshold": reg.threshold,
+            "reg/ref_gap": float(world.epoch - reg.last_reset)}
+
+
 def _train_sigmas(world: World, generator: torch.Generator) -> float:
     """One σ per micro-batch, shared by every frame (released), from the configured set."""
     choice = world.cfg.train.sigmas
@@ -371,12 +440,16 @@ def micro_step(
     keep: Tensor,
     sigma: float,
     noise: Tensor,
+    reference: Sequence[str] = ("base",),
+    kl_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The three passes on one micro-batch and the NFT objective (before accumulation scaling).
 
     x0 ``[b, F, C, H, W]`` clean endpoints, r ``[b]``; the clip is noised at one σ:
     x_t = (1 − σ)·x0 + σ·ε, and x̂0 = x_t − σ·v̂ for θ (grad, through ``train_model``), θ_old and the reference
-    (no grad). ``tcfg.context`` picks the released noisy block-causal layout or the clean teacher-forcing one.
+    (no grad: the mean x̂0 of the ``reference`` adapters, `reference_adapters`). ``kl_mask [b]`` bool picks the
+    samples the KL covers (None: all). ``tcfg.context`` picks the released noisy block-causal layout or the clean
+    teacher-forcing one.
     """
     x_t = renoise(x0, sigma, noise)
     t = sigma * 1000.0
@@ -392,21 +465,27 @@ def micro_step(
             x0_old = x0_from_velocity(x_t, model(x_t, t, text, **layout), sigma)
         x0_ref = None
         if tcfg.kl_weight > 0:
-            with policy.use("ref") as model:
-                x0_ref = x0_from_velocity(x_t, model(x_t, t, text, **layout), sigma)
+            for name in reference:
+                with policy.use(name) as model:
+                    pred = x0_from_velocity(x_t, model(x_t, t, text, **layout), sigma)
+                x0_ref = pred if x0_ref is None else x0_ref + pred
+            x0_ref = x0_ref / len(reference)
     x0_theta = x0_from_velocity(x_t, train_model(x_t, t, text, **layout), sigma)
     return nft_objective(
         x0_theta, x0_old, x0_ref, x0, r, beta=tcfg.beta, kl_weight=tcfg.kl_weight,
-        form=tcfg.loss_form, adv_clip=tcfg.adv_clip, sample_weight=keep.float(),
+        form=tcfg.loss_form, adv_clip=tcfg.adv_clip, kl_mask=kl_mask, sample_weight=keep.float(),
     )
 
 
-def update_phase(world: World, batch: Batch, adv: Advantages, epoch: int) -> tuple[bool, dict[str, float]]:
-    """Accumulate the NFT gradient over every micro-batch, then one clipped AdamW step.
+def update_phase(world: World, batch: Batch, adv: Advantages, kl_mask: Tensor,
+                 epoch: int) -> tuple[bool, dict[str, float]]:
+    """Accumulate the NFT gradient over every micro-batch, then one clipped AdamW step; ``kl_mask [n]`` bool: the
+    samples the KL covers (`regularize_phase`).
 
     Returns whether the optimiser stepped (not when the gradient is non-finite, or when no sample of the epoch has
     a usable reward: nothing to learn from) and the metrics: every statistic of the objective as ``loss/<name>``
-    (mean over micro-batches), the training σ, the gradient norm.
+    (mean over micro-batches), the training σ, the gradient norm, and ``reg/kl_selected``: the KL averaged over
+    every selected sample of every rank (what the dynamic reference's reset rule reads).
     """
     cfg = world.cfg
     world.optimizer.zero_grad(set_to_none=True)
@@ -415,6 +494,7 @@ def update_phase(world: World, batch: Batch, adv: Advantages, epoch: int) -> tup
         return False, {"train/skipped_step": 1.0}
     chunks = _chunks(batch.latents.shape[0], cfg.rollout.micro_batch)
     sums: dict[str, Tensor | float] = {}
+    selected = torch.zeros(2, dtype=torch.float64, device=batch.latents.device)  # Σ KL over selected, count
     order = batch.global_index.tolist()  # one host read per epoch, not per micro-step
     for i, sl in enumerate(chunks):
         g = torch.Generator().manual_seed(dist.mix_seed(cfg.train.seed, "sigma", epoch, order[sl][0]))
@@ -425,8 +505,12 @@ def update_phase(world: World, batch: Batch, adv: Advantages, epoch: int) -> tup
             loss, stats = micro_step(
                 world.policy, world.train_model, world.sampler, cfg.train,
                 batch.latents[sl], batch.text[sl], adv.r[sl], adv.keep[sl], sigma, noise,
+                reference=world.reference, kl_mask=kl_mask[sl],
             )
             (loss / len(chunks)).backward()
+        if "kl_selected" in stats:
+            count = kl_mask[sl].sum()
+            selected += torch.stack([stats["kl_selected"] * count, count]).double()
         for k, v in {**stats, "sigma": sigma}.items():  # device sums: read once, after the last micro-step
             sums[k] = sums.get(k, 0.0) + v / len(chunks)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(world.policy.trainable_parameters(), cfg.train.grad_clip))
@@ -439,14 +523,21 @@ def update_phase(world: World, batch: Batch, adv: Advantages, epoch: int) -> tup
         world.optimizer.zero_grad(set_to_none=True)
     metrics = {f"loss/{k}": v for k, v in sums.items() if k != "sigma"}
     metrics.update({"train/sigma": sums["sigma"], "train/grad_norm": grad_norm, "train/skipped_step": float(not stepped)})
+    if cfg.train.kl_weight > 0:
+        total, count = dist.all_reduce_sum(world.ctx, selected).tolist()
+        metrics["reg/kl_selected"] = total / count if count else 0.0
     return stepped, metrics
 
 
 def sync_phase(world: World) -> None:
-    """θ_old ← η·θ_old + (1 − η)·θ with the configured decay schedule; EMA of θ for evaluation and export."""
+    """θ_old ← η·θ_old + (1 − η)·θ with the configured decay schedule; EMA of θ for evaluation and export; with
+    ``train.reference=ema_ensemble`` each reference EMA ← d·EMA + (1 − d)·θ at its own decay d."""
     t = world.cfg.train
-    world.policy.soft_update_old(old_decay(world.step, t.old_decay, t.old_decay_rate, t.old_decay_max))
+    world.policy.soft_update("old", old_decay(world.step, t.old_decay, t.old_decay_rate, t.old_decay_max))
     world.policy.update_ema(ema_decay(world.step - 1, world.cfg.train.ema_decay))  # n updates done before
+    if t.reference == "ema_ensemble":
+        for name, decay in zip(world.reference, world.cfg.regularize.ema_decays):
+            world.policy.soft_update(name, decay)
 
 
 @torch.no_grad()
@@ -503,7 +594,7 @@ def kl_to_base(world: World, x0: Tensor, text: Tensor, seeds: list[int]) -> Tens
         noise = _sample_noise(x0, [dist.mix_seed(s, "kl-base", k) for s in seeds])
         x_t = renoise(x0, sigma, noise)
         x0_now = x0_from_velocity(x_t, world.policy.model(x_t, sigma * 1000.0, text, **layout), sigma)
-        with world.policy.use("ref") as ref:
+        with world.policy.use("base") as ref:
             x0_ref = x0_from_velocity(x_t, ref(x_t, sigma * 1000.0, text, **layout), sigma)
         total += kl_term(x0_now, x0_ref)
     return total / len(world.cfg.eval.kl_sigmas)
@@ -547,7 +638,8 @@ def save(world: World) -> None:
     state = {
         "policy": world.policy.state_dict(),
         "optimizer": dist.full_state(world.optimizer.state_dict()),  # whole tensors under FSDP2 too
-        "trainer": {"step": world.step, "epoch": world.epoch, "sampler": world.sampler_plan.state_dict()},
+        "trainer": {"step": world.step, "epoch": world.epoch, "sampler": world.sampler_plan.state_dict(),
+                    "regularizer": world.reg.state_dict()},
         "rng": capture_rng(),
     }
     save_checkpoint(
@@ -575,13 +667,16 @@ def run_epoch(world: World) -> dict[str, float]:
     device = world.policy.model.device
     t0 = time.perf_counter()
     plan = world.sampler_plan.epoch_plan(epoch)
+    reg_metrics = reference_phase(world)
     batch = rollout_phase(world, plan)
     t1 = time.perf_counter()
     scores, monitors, failures = score_phase(world, batch)
     check_rewards(world, failures, epoch)
     t2 = time.perf_counter()
     adv = advantage_phase(world, batch, scores)
-    stepped, metrics = update_phase(world, batch, adv, epoch)
+    kl_mask, selection = regularize_phase(world, batch, scores)
+    stepped, metrics = update_phase(world, batch, adv, kl_mask, epoch)
+    world.reg.last_kl = metrics.get("reg/kl_selected")
     if stepped:
         world.step += 1
         sync_phase(world)  # θ moved: θ_old and the EMA follow
@@ -589,6 +684,7 @@ def run_epoch(world: World) -> dict[str, float]:
     world.epoch = epoch + 1
 
     metrics.update(adv.metrics)
+    metrics.update({**reg_metrics, **selection})
     metrics.update(failures.metrics())
     for name, v in monitors.items():
         metrics[f"monitor/{name}"] = float(dist.all_reduce_mean(ctx, torch.tensor(_nanmean(v), device=device)))
