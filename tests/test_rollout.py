@@ -169,3 +169,35 @@ def test_switch_must_fall_on_a_block_boundary(tiny):
     with pytest.raises(ValueError, match="not the start of a generated block"):
         rollout(tiny, _text(1), num_frames=9, latent_hw=HW, sampler=SF, seeds=0,
                 switches=[PromptSwitch(4, _text(1))])
+
+
+# ------------------------------------------------------------------------------------------------ streaming windows
+
+
+@pytest.mark.parametrize("sampler", [SF, LONGLIVE_TINY], ids=["global", "rolling+sink"])
+def test_window_candidates_share_one_history_and_continue_it(tiny, sampler):
+    from astrolabe_rl.rollout import rollout_window
+
+    text = _text(2)
+    w = rollout_window(tiny, text, start=9, window=6, latent_hw=HW, sampler=sampler, history_seeds=[7, 8],
+                       seeds=[1, 2, 3, 4, 5, 6], candidates=3)
+    assert w.history.shape == (2, 9, 16, 4, 4) and w.latents.shape == (6, 6, 16, 4, 4) and w.start == 9
+    # the history is each prompt's own rollout (its seed), generated once
+    whole = rollout(tiny, text, num_frames=9, latent_hw=HW, sampler=sampler, seeds=[7, 8])
+    assert torch.equal(w.history, whole.latents)
+    # every candidate continues exactly that history: the same as extending the video from it with its own seed
+    for i in range(6):
+        alone = rollout(tiny, text[i // 3 : i // 3 + 1], num_frames=6, latent_hw=HW, sampler=sampler, seeds=[i + 1],
+                        history=w.history[i // 3 : i // 3 + 1])
+        torch.testing.assert_close(w.latents[i], alone.latents[0], atol=1e-5, rtol=0)
+    assert (w.latents[0] - w.latents[1]).abs().max() > 1e-2  # candidates differ by their noise
+
+
+def test_window_must_start_on_a_block_and_seeds_must_match(tiny):
+    from astrolabe_rl.rollout import rollout_window
+
+    kw = dict(latent_hw=HW, sampler=SF, history_seeds=[0], seeds=[1, 2], candidates=2)
+    with pytest.raises(ValueError, match="not a block start"):
+        rollout_window(tiny, _text(1), start=4, window=5, **kw)
+    with pytest.raises(ValueError, match="history seeds"):
+        rollout_window(tiny, _text(1), start=3, window=3, **{**kw, "seeds": [1]})

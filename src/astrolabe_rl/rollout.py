@@ -127,7 +127,6 @@ def rollout(
     h_frames = 0 if history is None else history.shape[1]
     total = h_frames + num_frames
     gen_bounds = sampler.block_bounds(num_frames, start_frame=h_frames)
-    switch_at = {s.frame: s for s in switches}
     for s in switches:
         if s.frame not in {bs for bs, _ in gen_bounds}:
             raise ValueError(
@@ -138,44 +137,150 @@ def rollout(
     cache = model.new_cache(b, latent_hw, total, sampler.cache)
     cache.text = model.encode_text(_expand(text.to(device), candidates, b, "text"))
     noise = NoiseSource(seeds, device)
-    clean = torch.empty(b, total, c, hh, ww, dtype=dtype, device=device)
+    clean = Frames(torch.empty(b, total, c, hh, ww, dtype=dtype, device=device))
     committed: list[tuple[int, int]] = []
 
     if history is not None:
-        clean[:, :h_frames] = _expand(history.to(device, dtype), candidates, b, "history")
+        clean.data[:, :h_frames] = _expand(history.to(device, dtype), candidates, b, "history")
         hist_bounds = sampler.block_bounds(h_frames) if h_frames else []
         _commit(model, cache, clean, hist_bounds, sampler, noise)
         committed += hist_bounds
 
+    traces = _generate(model, cache, clean, gen_bounds, committed, sampler, noise,
+                       {s.frame: _expand(s.text.to(device), candidates, b, "switch text") for s in switches},
+                       record, progress)
+    return Rollout(clean.data[:, h_frames:], seeds, h_frames, traces if record else None)
+
+
+@dataclass
+class Frames:
+    """Clean latents ``data [B, n, C, H, W]`` holding absolute latent frames ``[origin, origin + n)``."""
+
+    data: Tensor
+    origin: int = 0
+
+    def __getitem__(self, bounds: tuple[int, int]) -> Tensor:
+        return self.data[:, bounds[0] - self.origin : bounds[1] - self.origin]
+
+    def __setitem__(self, bounds: tuple[int, int], value: Tensor) -> None:
+        self.data[:, bounds[0] - self.origin : bounds[1] - self.origin] = value
+
+
+def _generate(
+    model: CausalWan,
+    cache: KVCache,
+    clean: Frames,
+    bounds: list[tuple[int, int]],
+    committed: list[tuple[int, int]],
+    sampler: SamplerConfig,
+    noise: NoiseSource,
+    switch_text: dict[int, Tensor],
+    record: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[BlockTrace]:
+    """Sample the blocks ``bounds`` (absolute latent frames) one by one into ``clean``, committing each to the cache
+    (and appending it to ``committed``); at a frame of ``switch_text`` (text ``[B, L, D]``) the prompt changes first,
+    with the family's re-cache. Returns the traces (with ``record``)."""
+    c, hh, ww = clean.data.shape[2:]
     traces: list[BlockTrace] = []
-    for i, (s, e) in enumerate(gen_bounds):
-        if s in switch_at:
-            cache.text = model.encode_text(_expand(switch_at[s].text.to(device), candidates, b, "switch text"))
+    for i, (s, e) in enumerate(bounds):
+        if s in switch_text:
+            cache.text = model.encode_text(switch_text[s])
             if sampler.recache_on_switch and committed:
                 _recache(model, cache, clean, committed, sampler, noise)
         steps = sampler.steps.for_block(first=s == 0)
-        x = noise.draw((e - s, c, hh, ww), dtype)
+        x = noise.draw((e - s, c, hh, ww), clean.data.dtype)
         inputs = []
         for k, t_k in enumerate(steps):
             inputs.append(x)
             v = model.denoise(cache, x, t_k, start_frame=s)
             x0 = x0_from_velocity(x, v, sigma_of(t_k))
             if k < len(steps) - 1:
-                x = renoise(x0, sigma_of(steps[k + 1]), noise.draw(tuple(x.shape[1:]), dtype))
-        clean[:, s:e] = x0
+                x = renoise(x0, sigma_of(steps[k + 1]), noise.draw(tuple(x.shape[1:]), x.dtype))
+        clean[s, e] = x0
         _commit(model, cache, clean, [(s, e)], sampler, noise)
         committed.append((s, e))
         if record:
             traces.append(BlockTrace(s, e, steps, torch.stack(inputs, dim=1)))
         if progress is not None:
-            progress(i + 1, len(gen_bounds))
-    return Rollout(clean[:, h_frames:], seeds, h_frames, traces if record else None)
+            progress(i + 1, len(bounds))
+    return traces
+
+
+@dataclass
+class WindowRollout:
+    """One window of a long video per candidate, its K candidates sharing one history per prompt.
+
+    Attributes:
+        history: clean latents ``[P, start, C, H, W]`` of each prompt's video before the window (its own rollout).
+        latents: clean latents ``[P·K, window, C, H, W]`` of the window (candidates of a prompt adjacent).
+        start: absolute latent frame of the window's first frame.
+        seeds: the window noise seed of each candidate.
+    """
+
+    history: Tensor
+    latents: Tensor
+    start: int
+    seeds: list[int]
+
+
+@torch.no_grad()
+def rollout_window(
+    model: CausalWan,
+    text: Tensor,
+    *,
+    start: int,
+    window: int,
+    latent_hw: tuple[int, int],
+    sampler: SamplerConfig,
+    history_seeds: Sequence[int],
+    seeds: Sequence[int],
+    candidates: int,
+    switches: Sequence[PromptSwitch] = (),
+) -> WindowRollout:
+    """Streaming RL's rollout: each prompt's video is rolled from frame 0 to ``start`` once (noise from
+    ``history_seeds [P]``), with the family's cache (rolling window + sink for long videos); the cache is then
+    broadcast K-fold and K candidates of the window ``[start, start + window)`` continue from that exact state (noise
+    from ``seeds [P·K]``). One history per prompt, never re-rolled per candidate: the group of the advantage is
+    (prompt, history). ``switches`` change the prompt at block starts, in the history or in the window.
+    """
+    device, dtype = model.device, model.dtype
+    p, b = text.shape[0], text.shape[0] * candidates
+    if len(history_seeds) != p or len(seeds) != b:
+        raise ValueError(f"need {p} history seeds (one per prompt) and {b} window seeds (prompts × {candidates} "
+                         f"candidates); got {len(history_seeds)} and {len(seeds)}")
+    bounds = sampler.block_bounds(start + window)
+    if start not in {s for s, _ in bounds}:
+        raise ValueError(f"window start {start} is not a block start (blocks start at {[s for s, _ in bounds]})")
+    for sw in switches:
+        if sw.frame not in {s for s, _ in bounds}:
+            raise ValueError(f"prompt switch at latent frame {sw.frame} is not a block start")
+    c, (hh, ww) = model.config.in_dim, latent_hw
+    cache = model.new_cache(p, latent_hw, start + window, sampler.cache)
+    cache.text = model.encode_text(text.to(device))
+    history = Frames(torch.empty(p, start, c, hh, ww, dtype=dtype, device=device))
+    committed: list[tuple[int, int]] = []
+    in_history = {sw.frame: sw.text.to(device) for sw in switches if sw.frame < start}
+    _generate(model, cache, history, [be for be in bounds if be[1] <= start], committed, sampler,
+              NoiseSource(history_seeds, device), in_history)
+
+    cache = cache.repeat_interleave(candidates)
+    # the window's buffer keeps the history frames a re-cache at a prompt switch may re-encode: the last window of
+    # frames with a rolling cache, all of them with a global one
+    tail = min(start, sampler.cache.window_frames) if sampler.cache.rolling else start
+    clean = Frames(torch.empty(b, tail + window, c, hh, ww, dtype=dtype, device=device), origin=start - tail)
+    clean.data[:, :tail] = history.data[:, start - tail :].repeat_interleave(candidates, dim=0)
+    in_window = {sw.frame: _expand(sw.text.to(device), candidates, b, "switch text") for sw in switches
+                 if sw.frame >= start}
+    _generate(model, cache, clean, [be for be in bounds if be[0] >= start], committed, sampler,
+              NoiseSource(seeds, device), in_window)
+    return WindowRollout(history.data, clean.data[:, tail:], start, list(seeds))
 
 
 def _commit(
     model: CausalWan,
     cache: KVCache,
-    clean: Tensor,
+    clean: Frames,
     bounds: list[tuple[int, int]],
     sampler: SamplerConfig,
     noise: NoiseSource,
@@ -184,7 +289,7 @@ def _commit(
     if not bounds:
         return
     s, e = bounds[0][0], bounds[-1][1]
-    x = clean[:, s:e]
+    x = clean[s, e]
     t_ctx = sampler.steps.context_timestep
     if t_ctx > 0:
         x = renoise(x, sigma_of(t_ctx), noise.draw(tuple(x.shape[1:]), x.dtype))
@@ -202,7 +307,7 @@ def _commit(
 def _recache(
     model: CausalWan,
     cache: KVCache,
-    clean: Tensor,
+    clean: Frames,
     committed: list[tuple[int, int]],
     sampler: SamplerConfig,
     noise: NoiseSource,
