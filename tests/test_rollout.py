@@ -181,6 +181,9 @@ def test_window_candidates_share_one_history_and_continue_it(tiny, sampler):
     text = _text(2)
     w = rollout_window(tiny, text, start=9, window=6, latent_hw=HW, sampler=sampler, history_seeds=[7, 8],
                        seeds=[1, 2, 3, 4, 5, 6], candidates=3)
+    chunked = rollout_window(tiny, text, start=9, window=6, latent_hw=HW, sampler=sampler, history_seeds=[7, 8],
+                             seeds=[1, 2, 3, 4, 5, 6], candidates=3, micro_batch=4)
+    torch.testing.assert_close(chunked.latents, w.latents, atol=1e-6, rtol=0)  # chunks straddle the two prompts
     assert w.history.shape == (2, 9, 16, 4, 4) and w.latents.shape == (6, 6, 16, 4, 4) and w.start == 9
     # the history is each prompt's own rollout (its seed), generated once
     whole = rollout(tiny, text, num_frames=9, latent_hw=HW, sampler=sampler, seeds=[7, 8])

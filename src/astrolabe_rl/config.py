@@ -90,7 +90,19 @@ class RewardsConfig:
 
 
 @dataclass
+class StreamingConfig:
+    video_frames: int = _f(240, "latent frames of the longest rollout (released sample_frames: 240 = 960 pixel frames)")
+    window: int = _f(21, "latent frames of the trained window (released 21 = one 81-frame clip); the history before it is rolled without gradient")
+    start: str = _f("choices", "where the window starts: first (frame 0), last (video_frames − window), random (any block start), choices (one of `choices`; released random_choice)")
+    choices: list[int] = _f([21], "window starts in latent frames for start=choices (released window_choices [21]; e.g. [21, 39, 57])")
+    per: str = _f("epoch", "how often the window start is drawn: epoch (one for the whole epoch, released) or prompt (one per prompt)")
+    history_kv: str = _f("per_policy", "the history's K/V in the three training passes: per_policy (each pass commits the history with its own weights: θ, θ_old, reference) or old (θ_old's, shared by the three: cheaper, approximate)")
+    decode_warmup: int = _f(0, "latent frames of history fed to the decoder's causal cache before the window is decoded; 0 = the whole history (exact)")
+
+
+@dataclass
 class TrainConfig:
+    mode: str = _f("clip", "clip: train whole clips of rollout.num_frames (released); streaming: roll long videos and train one window (the `streaming` section)")
     epochs: int = _f(300, "epochs; one optimiser step per epoch")
     lr: float = _f(1e-5, "AdamW learning rate")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
@@ -174,6 +186,8 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"doc": "sampling"})
     rewards: RewardsConfig = field(default_factory=RewardsConfig, metadata={"doc": "the objective"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "the NFT update"})
+    streaming: StreamingConfig = field(default_factory=StreamingConfig,
+                                       metadata={"doc": "long videos, trained one window at a time (train.mode=streaming)"})
     regularize: RegularizeConfig = field(default_factory=RegularizeConfig,
                                          metadata={"doc": "which samples the KL covers, and how its reference moves"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "held-out evaluation"})
@@ -187,7 +201,7 @@ CRITICAL_KEYS = (
     "model.family", "model.checkpoint", "lora.rank", "lora.alpha", "lora.targets", "rollout.prompts_per_epoch",
     "rollout.candidates", "rollout.num_frames", "train.beta", "train.kl_weight", "train.adv_clip", "train.loss_form",
     "train.sigmas", "train.context", "train.old_decay", "train.old_decay_rate", "train.old_decay_max", "train.seed", "train.epochs", "rewards.components",
-    "rewards.combine", "train.reference", "regularize",
+    "rewards.combine", "train.reference", "regularize", "train.mode", "streaming",
 )
 
 _CHOICES = {
@@ -204,6 +218,10 @@ _CHOICES = {
     "train.old_decay": (0, 1, 2),
     "dist.strategy": ("ddp", "fsdp2", "none"),
     "train.reference": ("base", "dynamic", "ema_ensemble"),
+    "train.mode": ("clip", "streaming"),
+    "streaming.start": ("first", "last", "random", "choices"),
+    "streaming.per": ("epoch", "prompt"),
+    "streaming.history_kv": ("per_policy", "old"),
     "regularize.mode": ("uniform", "selective"),
     "regularize.sign": ("optimism", "release"),
     "regularize.measure": ("rank", "winrate"),
@@ -422,6 +440,7 @@ def validate(cfg: Config) -> None:
     if cfg.train.kl_weight < 0:
         raise ValueError(f"train.kl_weight must be >= 0, got {cfg.train.kl_weight}")
     _validate_regularize(cfg)
+    _validate_streaming(cfg)
     if not 0 <= cfg.train.ema_decay < 1:
         raise ValueError(f"train.ema_decay must lie in [0, 1), got {cfg.train.ema_decay}")
     if cfg.rollout.candidates < 2:
@@ -446,6 +465,40 @@ def validate(cfg: Config) -> None:
             f"model.family={cfg.model.family!r} needs model.checkpoint (the official weights) and model.wan_dir "
             "(the Wan2.1-T2V-1.3B folder with the umT5 encoder and the VAE)"
         )
+
+
+def _validate_streaming(cfg: Config) -> None:
+    """Window, starts and lengths against each other and the family's blocks (errors name the field)."""
+    if cfg.train.mode != "streaming":
+        return
+    st = cfg.streaming
+    if not 0 < st.window <= st.video_frames:
+        raise ValueError(f"streaming.window={st.window} must lie in [1, streaming.video_frames={st.video_frames}]: "
+                         "the window is part of the video")
+    if st.decode_warmup < 0:
+        raise ValueError(f"streaming.decode_warmup must be >= 0 (0 = the whole history), got {st.decode_warmup}")
+    if st.start == "choices":
+        if not st.choices:
+            raise ValueError("streaming.choices is empty: give window starts, e.g. [21], or another streaming.start")
+        late = [c for c in st.choices if not 0 <= c <= st.video_frames - st.window]
+        if late:
+            raise ValueError(f"streaming.choices {late} start past the end: a window of streaming.window={st.window} "
+                             f"frames must end by streaming.video_frames={st.video_frames}")
+    if cfg.dist.strategy == "fsdp2":
+        raise ValueError("train.mode=streaming runs with dist.strategy ddp or none (its passes call the DiT's "
+                         "cached modes, which FSDP2's wrapper does not gather for yet)")
+    from astrolabe_rl.models.families import FAMILIES
+
+    if cfg.model.family in FAMILIES:
+        try:
+            starts = {s for s, _ in FAMILIES[cfg.model.family].sampler.block_bounds(st.video_frames)}
+        except ValueError as e:
+            raise ValueError(f"streaming.video_frames={st.video_frames}: {e}") from None
+        bad = [c for c in (st.choices if st.start == "choices" else []) if c not in starts]
+        if bad or (st.video_frames - st.window) not in starts:
+            raise ValueError(f"streaming window starts must be block starts of the {cfg.model.family} sampler "
+                             f"({sorted(starts)[:6]}, ...): check streaming.choices {bad or ''} and streaming.window="
+                             f"{st.window} (the last window starts at video_frames − window)")
 
 
 def _validate_regularize(cfg: Config) -> None:

@@ -237,12 +237,14 @@ def rollout_window(
     seeds: Sequence[int],
     candidates: int,
     switches: Sequence[PromptSwitch] = (),
+    micro_batch: int | None = None,
 ) -> WindowRollout:
     """Streaming RL's rollout: each prompt's video is rolled from frame 0 to ``start`` once (noise from
     ``history_seeds [P]``), with the family's cache (rolling window + sink for long videos); the cache is then
-    broadcast K-fold and K candidates of the window ``[start, start + window)`` continue from that exact state (noise
-    from ``seeds [P·K]``). One history per prompt, never re-rolled per candidate: the group of the advantage is
-    (prompt, history). ``switches`` change the prompt at block starts, in the history or in the window.
+    broadcast and K candidates of the window ``[start, start + window)`` continue from that exact state (noise from
+    ``seeds [P·K]``), ``micro_batch`` candidates at a time (None: all at once). One history per prompt, never
+    re-rolled per candidate: the group of the advantage is (prompt, history). ``switches`` change the prompt at block
+    starts, in the history or in the window.
     """
     device, dtype = model.device, model.dtype
     p, b = text.shape[0], text.shape[0] * candidates
@@ -264,17 +266,22 @@ def rollout_window(
     _generate(model, cache, history, [be for be in bounds if be[1] <= start], committed, sampler,
               NoiseSource(history_seeds, device), in_history)
 
-    cache = cache.repeat_interleave(candidates)
     # the window's buffer keeps the history frames a re-cache at a prompt switch may re-encode: the last window of
     # frames with a rolling cache, all of them with a global one
     tail = min(start, sampler.cache.window_frames) if sampler.cache.rolling else start
-    clean = Frames(torch.empty(b, tail + window, c, hh, ww, dtype=dtype, device=device), origin=start - tail)
-    clean.data[:, :tail] = history.data[:, start - tail :].repeat_interleave(candidates, dim=0)
-    in_window = {sw.frame: _expand(sw.text.to(device), candidates, b, "switch text") for sw in switches
-                 if sw.frame >= start}
-    _generate(model, cache, clean, [be for be in bounds if be[0] >= start], committed, sampler,
-              NoiseSource(seeds, device), in_window)
-    return WindowRollout(history.data, clean.data[:, tail:], start, list(seeds))
+    owner = torch.arange(p, device=device).repeat_interleave(candidates)  # sample -> its prompt's history
+    latents = []
+    for i in range(0, b, micro_batch or b):
+        chunk = owner[i : i + (micro_batch or b)]
+        clean = Frames(torch.empty(len(chunk), tail + window, c, hh, ww, dtype=dtype, device=device),
+                       origin=start - tail)
+        clean.data[:, :tail] = history.data[chunk, start - tail :]
+        in_window = {sw.frame: sw.text.to(device)[chunk] if sw.text.shape[0] == p else sw.text.to(device)[i : i + len(chunk)]
+                     for sw in switches if sw.frame >= start}
+        _generate(model, cache.take(chunk), clean, [be for be in bounds if be[0] >= start], list(committed), sampler,
+                  NoiseSource(seeds[i : i + len(chunk)], device), in_window)
+        latents.append(clean.data[:, tail:])
+    return WindowRollout(history.data, torch.cat(latents), start, list(seeds))
 
 
 def _commit(

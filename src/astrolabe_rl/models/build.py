@@ -82,7 +82,9 @@ class Decoder(Protocol):
     def decode(self, latents: Tensor) -> Tensor: ...
 
     def stream(self) -> Callable[[Tensor], Tensor]:
-        """A stateful decoder fed consecutive latent blocks; its outputs concatenate to `decode` of the whole."""
+        """A stateful decoder fed consecutive latent blocks; its outputs concatenate to `decode` of the whole. A
+        stream with a temporal state also has ``take(index) -> stream`` (its state gathered along the batch); a
+        frame-wise one (the toy VAE) needs none."""
         ...
 
 

@@ -297,20 +297,21 @@ class KVCache:
         self.clobbered = 0
         self.next_frame = self.sink_positions[-1] + 1 if self.sink_positions else 0
 
-    def repeat_interleave(self, repeats: int) -> "KVCache":
-        """A new cache whose sample ``i·repeats + j`` holds sample ``i``'s committed frames and prompt (``j <
-        repeats``), pointers included: K candidates continue one shared history without recomputing it."""
+    def take(self, index: Tensor) -> "KVCache":
+        """A new cache whose sample ``j`` is this cache's sample ``index[j]`` (committed frames, pointers and prompt):
+        e.g. ``take(arange(P).repeat_interleave(K))`` lets K candidates continue one shared history without
+        recomputing it."""
         out = copy.copy(self)
-        out.k = [t.repeat_interleave(repeats, dim=0) for t in self.k]
-        out.v = [t.repeat_interleave(repeats, dim=0) for t in self.v]
+        out.k = [t.index_select(0, index.to(t.device)) for t in self.k]
+        out.v = [t.index_select(0, index.to(t.device)) for t in self.v]
         out.sink_positions = list(self.sink_positions)
         if self.text is not None:
-            out.text = [tuple(t.repeat_interleave(repeats, dim=0) for t in kv) for kv in self.text]
+            out.text = [tuple(t.index_select(0, index.to(t.device)) for t in kv) for kv in self.text]
         return out
 
     def clone(self) -> "KVCache":
         """An independent copy (buffers, pointers and prompt), e.g. one per training pass over a shared history."""
-        return self.repeat_interleave(1)
+        return self.take(torch.arange(self.batch))
 
     def tensors(self) -> list[Tensor]:
         """Every tensor the cache owns (for hashing in tests and for moving)."""

@@ -222,6 +222,14 @@ class StreamingDecoder:
         video = torch.cat(pieces, dim=2)  # [B, 3, T, H, W]
         return _to_unit(video.clamp(-1, 1))
 
+    def take(self, index: Tensor) -> "StreamingDecoder":
+        """A decoder whose video ``j`` continues this one's video ``index[j]``: every cached feature is gathered along
+        the batch, so a history decoded once per prompt serves each of its candidates' windows."""
+        out = StreamingDecoder.__new__(StreamingDecoder)
+        out.vae, out.latent_frames, out._slots_used = self.vae, self.latent_frames, self._slots_used
+        out.cache = [c.index_select(0, index.to(c.device)) if isinstance(c, Tensor) else c for c in self.cache]
+        return out
+
     def _step(self, x: Tensor) -> Tensor:
         idx = [0]
         out = self.vae.model.decoder(x, feat_cache=self.cache, feat_idx=idx, first_chunk=self.latent_frames == 0)

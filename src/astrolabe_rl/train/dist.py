@@ -380,6 +380,21 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def average_gradients_(ctx: DistContext, params: list[nn.Parameter]) -> None:
+    """Average ``.grad`` over the ranks in place, one flat all-reduce: for passes that call the DiT's cached modes
+    (streaming windows) rather than a DDP-wrapped forward, whose hooks would do it. No-op in one process."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not _group_ready(ctx) or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= ctx.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 @contextmanager
 def no_sync(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     """Skip the gradient all-reduce inside the block (gradient accumulation: all micro-batches but the last).

@@ -13,7 +13,9 @@ One epoch is one optimiser step (`reference/astrolabe.md` §2.2, DESIGN §3):
     sync_phase(...)                                        θ_old ← η·θ_old + (1 − η)·θ ; EMA (+ the EMA references)
     evaluate / log / checkpoint
 
-`train` runs `setup`, the epochs and `teardown`; a caller that needs to act around them (the toy demo films the
+``train.mode=streaming`` swaps three phases for their long-video forms (`train.streaming`): the rollout rolls each
+prompt's history once and samples K candidates of one window, only the window is decoded and scored, and the update's
+passes see the history as detached K/V. `train` runs `setup`, the epochs and `teardown`; a caller that needs to act around them (the toy demo films the
 base before training and the EMA after) passes `Callbacks` rather than copying the loop. Everything that touches
 torch.distributed lives in `train.dist`; this file reads like the algorithm.
 """
@@ -53,7 +55,7 @@ from astrolabe_rl.policy import Policy
 from astrolabe_rl.rewards.async_ import AsyncScorer
 from astrolabe_rl.rewards.base import FailureReport, Reward, build_reward, check_failures, score_all
 from astrolabe_rl.rewards.combine import combine_rewards
-from astrolabe_rl.rollout import rollout
+from astrolabe_rl.rollout import rollout, rollout_window
 from astrolabe_rl.train import dist
 from astrolabe_rl.train.checkpoint import (
     RunDirError,
@@ -67,6 +69,7 @@ from astrolabe_rl.train.checkpoint import (
     save_checkpoint,
 )
 from astrolabe_rl.train.logging import RunLogger, progress
+from astrolabe_rl.train.streaming import WindowPasses, commit_history, decode_window, window_start
 
 RELEASE_SIGMAS = (1.0, 0.75, 0.5, 0.25)  # the unwarped DMD list the released trainer re-noises at
 
@@ -124,6 +127,18 @@ class Batch:
     prompts: list[str]
     pending: list[Future]  # the scorer's futures, one per micro-batch: {reward name: [b]}
     first_videos: Tensor | None  # decoded videos of the first micro-batch [b, T, 3, H, W], for logging
+    windows: list["Window"] | None = None  # train.mode=streaming: the prompts' histories and window starts
+
+
+@dataclass
+class Window:
+    """Streaming: the samples ``rows`` (a slice of the batch) are K candidates of the window starting at latent frame
+    ``start`` of one prompt's video, whose clean history is ``history [1, start, C, h, w]``."""
+
+    rows: slice
+    start: int
+    history: Tensor
+    seed: int  # seeds the context noise of the history's re-commits (families with a context timestep > 0)
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -193,6 +208,7 @@ def _build(cfg: Config, ctx: dist.DistContext, lock: RunDirLock | None) -> World
     device, dtype = _device_and_dtype(cfg, ctx)
     family = get_family(cfg.model.family)
     num_frames = cfg.rollout.num_frames or family.horizon_frames
+    streaming = cfg.train.mode == "streaming"
 
     io = load_model_io(family, model_source(cfg), device, dtype)
     io.model.gradient_checkpointing = cfg.model.gradient_checkpointing
@@ -207,7 +223,8 @@ def _build(cfg: Config, ctx: dist.DistContext, lock: RunDirLock | None) -> World
         policy.load_adapter(cfg.lora.init)
         for name in policy.extra_adapters:  # a moving reference starts where θ starts
             policy.copy_(name, "default")
-    train_model = dist.wrap_model(policy.model, ctx, cfg.dist.strategy)
+    # streaming passes call the DiT's cached modes, not a wrapped forward: their gradients are averaged by hand
+    train_model = dist.wrap_model(policy.model, ctx, "none" if streaming else cfg.dist.strategy)
     optimizer = torch.optim.AdamW(
         policy.trainable_parameters(),
         lr=cfg.train.lr,
@@ -220,7 +237,8 @@ def _build(cfg: Config, ctx: dist.DistContext, lock: RunDirLock | None) -> World
     monitors = {name: build_reward(name) for name in cfg.rewards.monitors}
     prompts = _read_prompts(cfg.data.train_prompts, cfg.data.prompts, "data.train_prompts")
     world = World(
-        cfg=cfg, ctx=ctx, family=family, sampler=family.sampler_for(num_frames), num_frames=num_frames, io=io,
+        cfg=cfg, ctx=ctx, family=family, num_frames=num_frames, io=io,
+        sampler=family.sampler_for(cfg.streaming.video_frames if streaming else num_frames),
         policy=policy, train_model=train_model, optimizer=optimizer, rewards=rewards,
         weights={item.name: item.weight for item in cfg.rewards.components}, monitors=monitors,
         eval_monitors={name: build_reward(name) for name in cfg.eval.monitors},
@@ -305,6 +323,46 @@ def rollout_phase(world: World, plan: list[dist.Sample]) -> Batch:
         pending=pending,
         first_videos=first_videos,
     )
+
+
+def streaming_rollout_phase(world: World, plan: list[dist.Sample]) -> Batch:
+    """``train.mode=streaming``: per prompt of this rank, θ_old rolls the history up to the window start once and its
+    candidates sample the window from that exact cache (`rollout_window`, ``rollout.micro_batch`` at a time); only
+    the window is decoded (`decode_window`) and sent to the scorer. The window start is drawn per epoch or per prompt
+    (``streaming.per``), the history's noise per (epoch, prompt), so every rank holding part of a group rolls the same
+    history."""
+    cfg, st = world.cfg, world.cfg.streaming
+    prompts = [world.prompts[s.prompt_id] for s in plan]
+    seeds = [s.seed_for_noise for s in plan]
+    text = world.io.encode(prompts)
+    model = world.policy.sampling_model()
+    latents, pending, windows = [], [], []
+    for rows in _groups(plan):
+        slot = plan[rows.start].global_index // cfg.rollout.candidates
+        start = window_start(st, world.sampler, dist.mix_seed(
+            cfg.train.seed, "window", world.epoch, *((slot,) if st.per == "prompt" else ())))
+        seed = dist.mix_seed(cfg.train.seed, "history", world.epoch, slot)
+        out = rollout_window(model, text[rows.start : rows.start + 1], start=start, window=st.window,
+                             latent_hw=world.family.latent_hw, sampler=world.sampler, history_seeds=[seed],
+                             seeds=seeds[rows], candidates=rows.stop - rows.start, micro_batch=cfg.rollout.micro_batch)
+        owner = torch.zeros(rows.stop - rows.start, dtype=torch.long)
+        for sl in _chunks(rows.stop - rows.start, cfg.rollout.micro_batch):
+            videos = decode_window(world.io.decoder, out.history, out.latents[sl], owner[sl], st.decode_warmup)
+            pending.append(world.scorer.submit(videos, prompts[rows][sl]))
+        latents.append(out.latents)
+        windows.append(Window(rows, start, out.history, seed))
+    device = latents[0].device
+    return Batch(
+        latents=torch.cat(latents), text=text, prompt_ids=torch.tensor([s.prompt_id for s in plan], device=device),
+        global_index=torch.tensor([s.global_index for s in plan], device=device), seeds=seeds, prompts=prompts,
+        pending=pending, first_videos=None, windows=windows,
+    )
+
+
+def _groups(plan: list[dist.Sample]) -> list[slice]:
+    """The runs of consecutive samples of one prompt in this rank's plan (its groups, or parts of them)."""
+    cuts = [i for i in range(1, len(plan)) if plan[i].prompt_id != plan[i - 1].prompt_id]
+    return [slice(a, b) for a, b in zip([0, *cuts], [*cuts, len(plan)])]
 
 
 def score_phase(world: World, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor], FailureReport]:
@@ -442,6 +500,7 @@ def micro_step(
     noise: Tensor,
     reference: Sequence[str] = ("base",),
     kl_mask: Tensor | None = None,
+    window: WindowPasses | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The three passes on one micro-batch and the NFT objective (before accumulation scaling).
 
@@ -449,7 +508,8 @@ def micro_step(
     x_t = (1 − σ)·x0 + σ·ε, and x̂0 = x_t − σ·v̂ for θ (grad, through ``train_model``), θ_old and the reference
     (no grad: the mean x̂0 of the ``reference`` adapters, `reference_adapters`). ``kl_mask [b]`` bool picks the
     samples the KL covers (None: all). ``tcfg.context`` picks the released noisy block-causal layout or the clean
-    teacher-forcing one.
+    teacher-forcing one; with ``window`` (streaming) x0 is a window whose passes see the history as detached K/V and
+    the window's earlier blocks clean (`train.streaming.WindowPasses`).
     """
     x_t = renoise(x0, sigma, noise)
     t = sigma * 1000.0
@@ -460,17 +520,22 @@ def micro_step(
         clean=x0 if tcfg.context == "clean" else None,
         t_clean=sampler.steps.context_timestep,
     )
+
+    def predict(model: torch.nn.Module) -> Tensor:
+        v = model(x_t, t, text, **layout) if window is None else window.velocity(dist.unwrap(model), x_t, t, text, x0)
+        return x0_from_velocity(x_t, v, sigma)
+
     with torch.no_grad():
         with policy.use("old") as model:
-            x0_old = x0_from_velocity(x_t, model(x_t, t, text, **layout), sigma)
+            x0_old = predict(model)
         x0_ref = None
         if tcfg.kl_weight > 0:
             for name in reference:
                 with policy.use(name) as model:
-                    pred = x0_from_velocity(x_t, model(x_t, t, text, **layout), sigma)
+                    pred = predict(model)
                 x0_ref = pred if x0_ref is None else x0_ref + pred
             x0_ref = x0_ref / len(reference)
-    x0_theta = x0_from_velocity(x_t, train_model(x_t, t, text, **layout), sigma)
+    x0_theta = predict(train_model)
     return nft_objective(
         x0_theta, x0_old, x0_ref, x0, r, beta=tcfg.beta, kl_weight=tcfg.kl_weight,
         form=tcfg.loss_form, adv_clip=tcfg.adv_clip, kl_mask=kl_mask, sample_weight=keep.float(),
@@ -492,7 +557,9 @@ def update_phase(world: World, batch: Batch, adv: Advantages, kl_mask: Tensor,
     if not bool(adv.usable.any()):
         _warn_main(world.ctx, f"no sample of epoch {epoch} has a usable reward: no optimiser step")
         return False, {"train/skipped_step": 1.0}
-    chunks = _chunks(batch.latents.shape[0], cfg.rollout.micro_batch)
+    chunks = _chunks(batch.latents.shape[0], cfg.rollout.micro_batch) if batch.windows is None else [
+        slice(w.rows.start + sl.start, w.rows.start + sl.stop)  # streaming: a micro-batch never mixes histories
+        for w in batch.windows for sl in _chunks(w.rows.stop - w.rows.start, cfg.rollout.micro_batch)]
     sums: dict[str, Tensor | float] = {}
     selected = torch.zeros(2, dtype=torch.float64, device=batch.latents.device)  # Σ KL over selected, count
     order = batch.global_index.tolist()  # one host read per epoch, not per micro-step
@@ -505,7 +572,7 @@ def update_phase(world: World, batch: Batch, adv: Advantages, kl_mask: Tensor,
             loss, stats = micro_step(
                 world.policy, world.train_model, world.sampler, cfg.train,
                 batch.latents[sl], batch.text[sl], adv.r[sl], adv.keep[sl], sigma, noise,
-                reference=world.reference, kl_mask=kl_mask[sl],
+                reference=world.reference, kl_mask=kl_mask[sl], window=_window_passes(world, batch, sl),
             )
             (loss / len(chunks)).backward()
         if "kl_selected" in stats:
@@ -513,6 +580,8 @@ def update_phase(world: World, batch: Batch, adv: Advantages, kl_mask: Tensor,
             selected += torch.stack([stats["kl_selected"] * count, count]).double()
         for k, v in {**stats, "sigma": sigma}.items():  # device sums: read once, after the last micro-step
             sums[k] = sums.get(k, 0.0) + v / len(chunks)
+    if batch.windows is not None:
+        dist.average_gradients_(world.ctx, world.policy.trainable_parameters())
     grad_norm = float(torch.nn.utils.clip_grad_norm_(world.policy.trainable_parameters(), cfg.train.grad_clip))
     sums = {k: float(v) for k, v in sums.items()}
     stepped = math.isfinite(grad_norm) or not cfg.train.skip_nonfinite
@@ -527,6 +596,21 @@ def update_phase(world: World, batch: Batch, adv: Advantages, kl_mask: Tensor,
         total, count = dist.all_reduce_sum(world.ctx, selected).tolist()
         metrics["reg/kl_selected"] = total / count if count else 0.0
     return stepped, metrics
+
+
+def _window_passes(world: World, batch: Batch, rows: slice) -> WindowPasses | None:
+    """Streaming: the history of the micro-batch ``rows`` (one prompt's window) as each pass will see it; with
+    ``streaming.history_kv=old`` θ_old's commit of it, made once here and shared by the three passes."""
+    if batch.windows is None:
+        return None
+    w = next(w for w in batch.windows if w.rows.start <= rows.start < w.rows.stop)
+    passes = WindowPasses(w.history, w.start, world.sampler, world.family.latent_hw, seeds=[w.seed])
+    if world.cfg.streaming.history_kv == "old":
+        with world.policy.use("old") as model:
+            shared = commit_history(model, w.history, batch.text[rows.start : rows.start + 1], world.sampler,
+                                    world.family.latent_hw, passes.seeds, batch.latents.shape[1])
+        passes.shared = shared.take(torch.zeros(rows.stop - rows.start, dtype=torch.long))
+    return passes
 
 
 def sync_phase(world: World) -> None:
@@ -668,7 +752,7 @@ def run_epoch(world: World) -> dict[str, float]:
     t0 = time.perf_counter()
     plan = world.sampler_plan.epoch_plan(epoch)
     reg_metrics = reference_phase(world)
-    batch = rollout_phase(world, plan)
+    batch = (streaming_rollout_phase if cfg.train.mode == "streaming" else rollout_phase)(world, plan)
     t1 = time.perf_counter()
     scores, monitors, failures = score_phase(world, batch)
     check_rewards(world, failures, epoch)

@@ -1,0 +1,169 @@
+"""Streaming RL: the window's training passes against one masked teacher-forcing call, window-only decoding, window
+starts, and the recipe in train.mode=streaming (run, resume, misconfiguration)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from astrolabe_rl.config import StreamingConfig
+from astrolabe_rl.models import CachePolicy, CausalWan, WanConfig, get_family
+from astrolabe_rl.train.streaming import WindowPasses, commit_history, decode_window, window_start
+
+HW = (4, 4)
+SF = get_family("self_forcing").sampler
+ROLLING = replace(get_family("longlive").sampler, cache=CachePolicy(window_frames=9, sink_frames=3))
+
+
+def _model() -> CausalWan:
+    torch.manual_seed(0)
+    return CausalWan(WanConfig.tiny())
+
+
+@pytest.mark.parametrize("sampler", [SF, ROLLING], ids=["global", "rolling+sink"])
+def test_window_step_gradient_equals_one_masked_teacher_forcing_call(sampler):
+    model = _model()
+    g = torch.Generator().manual_seed(1)
+    s, w = 9, 6
+    history, x0 = torch.randn(2, s, 16, 4, 4, generator=g), torch.randn(2, w, 16, 4, 4, generator=g)
+    x_t, text, weight = torch.randn(2, w, 16, 4, 4, generator=g), torch.randn(2, 8, 16, generator=g), torch.randn(2, w, 16, 4, 4, generator=g)
+    t = 750.0
+
+    passes = WindowPasses(history, s, sampler, HW, seeds=[0, 1])
+    v = passes.velocity(model, x_t, t, text, x0)
+    grads = torch.autograd.grad((v * weight).sum(), list(model.parameters()))
+
+    # one call over [history ; window]: clean stream (detached) = [history ; x0], noisy stream = [anything ; x_t]
+    noisy = torch.cat([torch.randn(2, s, 16, 4, 4, generator=g), x_t], dim=1)
+    times = torch.cat([torch.zeros(2, s), torch.full((2, w), t)], dim=1)
+    v_ref = model(noisy, times, text, frames_per_block=3, clean=torch.cat([history, x0], dim=1), policy=sampler.cache)
+    ref_grads = torch.autograd.grad((v_ref[:, s:] * weight).sum(), list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(v, v_ref[:, s:], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b, atol=1e-5, rtol=1e-4)
+    assert sum(float(a.abs().sum()) for a in grads) > 0
+
+
+def test_shared_history_cache_gives_the_same_velocity_as_committing_it_again():
+    model = _model()
+    g = torch.Generator().manual_seed(2)
+    history, x0, x_t = (torch.randn(1, n, 16, 4, 4, generator=g) for n in (6, 3, 3))
+    text = torch.randn(1, 8, 16, generator=g)
+    own = WindowPasses(history, 6, ROLLING, HW, seeds=[0])
+    shared = replace(own, shared=commit_history(model, history, text, ROLLING, HW, [0], 3))
+    with torch.no_grad():
+        torch.testing.assert_close(own.velocity(model, x_t, 500.0, text, x0),
+                                   shared.velocity(model, x_t, 500.0, text, x0), atol=0, rtol=0)
+        shared.velocity(model, x_t, 500.0, text, x0)  # the shared cache is cloned, never consumed
+
+
+def test_window_only_decode_equals_decoding_the_whole_video_and_slicing():
+    from astrolabe_rl.models.vae import WanVAE, random_vae, tiny_vae_config
+
+    vae = WanVAE(random_vae(tiny_vae_config(), seed=0))
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 7, 16, 4, 4, generator=g)
+    whole = vae.decode(z)  # 1 + 4·6 = 25 frames
+    # two candidates of prompt 1 and one of prompt 0: the history is decoded once per prompt
+    owner = torch.tensor([1, 1, 0])
+    window = decode_window(vae, z[:, :4], z[owner, 4:], owner)  # latent frames 4..6 -> pixel frames 13..24
+    torch.testing.assert_close(window, whole[owner, 13:], atol=1e-5, rtol=0)
+    warm = decode_window(vae, z[:, :4], z[owner, 4:], owner, warmup=2)  # a partial warm-up is an approximation
+    assert warm.shape == window.shape
+
+
+def test_window_start_choices():
+    cfg = StreamingConfig(video_frames=30, window=9, start="choices", choices=[3, 9, 15])
+    starts = {window_start(cfg, SF, seed) for seed in range(40)}
+    assert starts == {3, 9, 15}
+    assert window_start(cfg, SF, 5) == window_start(cfg, SF, 5)
+    assert window_start(replace(cfg, start="first"), SF, 0) == 0
+    assert window_start(replace(cfg, start="last"), SF, 0) == 21
+    assert {window_start(replace(cfg, start="random"), SF, s) for s in range(60)} == {0, 3, 6, 9, 12, 15, 18, 21}
+
+
+def test_memory_of_a_window_step_does_not_depend_on_the_video_length():
+    """The mechanism behind bench/streaming_memory.py: with a rolling cache, the cache's buffers and every tensor
+    saved for the backward pass have the same shapes whether the window starts at frame 6 or at frame 30."""
+    model = _model()
+
+    def saved_shapes(start: int) -> tuple[list, list]:
+        g = torch.Generator().manual_seed(4)
+        history = torch.randn(1, start, 16, 4, 4, generator=g)
+        x0, x_t = torch.randn(2, 6, 16, 4, 4, generator=g), torch.randn(2, 6, 16, 4, 4, generator=g)
+        text = torch.randn(2, 8, 16, generator=g)
+        cache = commit_history(model, history, text[:1], ROLLING, HW, [0], 6)
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            WindowPasses(history, start, ROLLING, HW, seeds=[0]).velocity(model, x_t, 500.0, text, x0).sum()
+        return [tuple(t.shape) for t in cache.tensors()], sorted(shapes)
+
+    short, long = saved_shapes(6), saved_shapes(30)
+    assert short[0] == long[0] and short[1] == long[1] and long[1]
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+
+
+def _streaming_cfg(run_dir, *extra):
+    from test_train import _cfg
+
+    return _cfg(run_dir, "train.mode=streaming", "streaming.video_frames=12", "streaming.window=6",
+                "streaming.choices=[3, 6]", *extra)
+
+
+@pytest.fixture()
+def _single_process():
+    from astrolabe_rl.train.dist import shutdown
+
+    yield
+    shutdown()
+
+
+def test_streaming_run_trains_the_window_and_resumes_bit_identically(tmp_path, _single_process):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import _metric_lines, _params
+
+    from astrolabe_rl.train import recipe
+
+    opts = ["checkpoint.every=1", "streaming.per=prompt"]
+    full = recipe.setup(_streaming_cfg(tmp_path / "full", *opts))
+    start = _params(full, "default")
+    batch = recipe.streaming_rollout_phase(full, full.sampler_plan.epoch_plan(0))
+    assert batch.latents.shape[1] == 6 and {w.start for w in batch.windows} <= {3, 6}
+    assert all(w.history.shape[:2] == (1, w.start) for w in batch.windows)  # one history per prompt
+    for _ in range(3):
+        recipe.run_epoch(full)
+    full.logger.close()
+    assert any(not torch.equal(start[k], v) for k, v in _params(full, "default").items())
+
+    crashed = recipe.setup(_streaming_cfg(tmp_path / "resumed", *opts))
+    recipe.run_epoch(crashed)
+    crashed.logger.close()
+    del crashed
+    resumed = recipe.setup(_streaming_cfg(tmp_path / "resumed", *opts, "checkpoint.resume=auto"))
+    for _ in range(2):
+        recipe.run_epoch(resumed)
+    resumed.logger.close()
+    for adapter in ("default", "old"):
+        a, b = _params(full, adapter), _params(resumed, adapter)
+        assert all(torch.equal(a[k], b[k]) for k in a), adapter
+    ma, mb = _metric_lines(tmp_path / "full"), _metric_lines(tmp_path / "resumed")
+    assert ma[2] == mb[2] and ma[3] == mb[3]
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["streaming.window=13"], "streaming.window=13"),
+    (["streaming.choices=[9]"], r"streaming.choices \[9\] start past the end"),
+    (["streaming.choices=[4]"], "block starts"),
+    (["streaming.decode_warmup=-1"], "streaming.decode_warmup"),
+    (["dist.strategy=fsdp2"], "dist.strategy"),
+])
+def test_bad_streaming_configs_fail_before_anything_runs(tmp_path, overrides, field):
+    with pytest.raises(ValueError, match=field):
+        _streaming_cfg(tmp_path, *overrides)
