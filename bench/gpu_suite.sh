@@ -3,7 +3,7 @@
 # the public anchors (DESIGN §6, issue 18):
 #   rollout b1/b8 on the recipe's sampling path: DiT and end-to-end frames/s, decode s/video, peak GiB
 #   train step: s/sample (optimiser step included) and peak GiB
-#   streaming memory (when bench/streaming_memory.py exists)
+#   streaming memory: peak GiB and step s of one window step at 81 .. 960 pixel frames, and their ratio
 #   rewards: s/video and peak GiB of each learned reward
 #
 #   bash bench/gpu_suite.sh            # CUDA, full size
@@ -42,9 +42,11 @@ run() {  # name, script, args...: keep the script's one JSON line, or record its
 
 run rollout rollout.py "${tiny[@]}" "${repeats[@]}" --batches 1,8 --path recipe
 run train_step train_step.py "${tiny[@]}" "${repeats[@]}"
-if [[ -f "$here/streaming_memory.py" ]]; then
-  run streaming_memory streaming_memory.py "${tiny[@]}"
+stream_args=("${tiny[@]}" "${repeats[@]}")
+if [[ ${#tiny[@]} -gt 0 ]]; then
+  stream_args+=(--frames 81 240)  # the mechanism at two lengths: the tiny model commits histories slowly on a CPU
 fi
+run streaming_memory streaming_memory.py "${stream_args[@]}"
 run rewards rewards.py "${tiny[@]}" "${repeats[@]}" ${REWARDS:+--rewards "$REWARDS"}
 
 "$py" - "$out" <<'PY'
@@ -80,13 +82,14 @@ if train and "failed" not in train:
         rows.append(("train step peak GiB", train["peak_mem_gb"] / GIB, "", ""))
 elif train:
     rows.append((train["failed"], float("nan"), "", ""))
-if stream is None:
-    rows.append(("streaming memory", float("nan"), "", "no bench/streaming_memory.py yet"))
-elif "failed" in stream:
+if stream and "failed" in stream:
     rows.append((stream["failed"], float("nan"), "", ""))
-else:
-    for r in stream.get("results", []):
-        rows.append((f"streaming {r.get('latent_frames')} frames peak GiB", r.get("peak_mem_gb", float("nan")) / GIB, "", ""))
+elif stream:
+    for r in stream["results"]:
+        rows.append((f"streaming {r['pixel_frames']} frames peak GiB", (r["peak_mem_gb"] or float("nan")) / GIB, "", ""))
+        rows.append((f"streaming {r['pixel_frames']} frames step s", r["step_s_median"], "", ""))
+    if stream.get("peak_ratio_longest") is not None:
+        rows.append(("streaming peak longest / shortest", stream["peak_ratio_longest"], "<= 1.10", ""))
 if rew and "failed" not in rew:
     for r in rew["results"]:
         rows.append((f"reward {r['reward']} s/video", r["latency_s_per_video"], "", ""))

@@ -52,8 +52,11 @@ MAIN, AUXILIARY = "toy_quality_hackable", ["toy_motion", "toy_text"]
 # barely moves (0.008 -> 0.008), so a bench of hacking needs the proxy alone.
 REWARDS = ("rewards.components=[" + ", ".join(
     f"{{name: {n}, weight: {w}}}" for n, w in [(MAIN, 1.0), *((a, 0.0) for a in AUXILIARY)]) + "]")
-UNIFORM_WEIGHTS = (0.01, 0.1, 1.0)  # λ_KL of the uniform rows: from too weak to bite to stronger than the reward
-SELECTIVE_WEIGHT = 0.1  # λ_KL of the selective rows (it averages over the selected samples only)
+# λ_KL, chosen on the dev split (24 epochs, seed 0): uniform 1e-2 holds the policy at the base (main reward +0.00),
+# 1e-3 lets a quarter of no-KL's main gain through, 0.1 freezes it; 1e-4 is the released weight. Selective KL at 1e-2
+# froze the main reward too, at 1e-3 it let half of it through: the selective rows use 1e-3.
+UNIFORM_WEIGHTS = (1e-4, 1e-3, 1e-2)
+SELECTIVE_WEIGHT = 1e-3  # λ_KL of the selective rows (the KL is averaged over the selected samples only)
 SELECTIVE = ["regularize.mode=selective", f"regularize.main={MAIN}", f"regularize.auxiliary=[{','.join(AUXILIARY)}]",
              f"train.kl_weight={SELECTIVE_WEIGHT}"]
 ROWS: list[tuple[str, list[str]]] = [

@@ -56,7 +56,8 @@ def test_gpu_suite_tiny_runs_on_a_cpu_and_prints_one_table():
     assert lines[0].startswith("gpu_suite on cpu") and "do not apply" in lines[1]
     table = {line[:36].strip(): line[36:].split() for line in lines[3:]}
     for measure in ("rollout b1 DiT frames/s", "rollout b8 end-to-end frames/s", "decode b8 s/video",
-                    "sampling-copy merge s", "train step s/sample", "reward aesthetic s/video"):
+                    "sampling-copy merge s", "train step s/sample", "reward aesthetic s/video",
+                    "streaming 81 frames step s", "streaming 240 frames step s"):
         assert _positive(float(table[measure][0])), measure
     assert "x public" not in proc.stdout  # no anchor ratios for a tiny CPU run
 

@@ -72,7 +72,7 @@ def _launched_ranks(launch: str) -> int:
 def test_the_folder_ships_every_released_recipe():
     names = {p.stem for p in SHIPPED}
     released = {"self_forcing_hpsv3", "self_forcing_hpsv3_mq", "causal_forcing_3rewards_8gpu",
-                "causal_forcing_3rewards_48gpu", "longlive_hpsv3", "longlive_gardo", "krea14b_fsdp2"}
+                "causal_forcing_3rewards_48gpu", "longlive_hpsv3", "longlive_gardo", "longlive_streaming", "krea14b_fsdp2"}
     assert released <= names, f"missing recipes: {sorted(released - names)}"
     assert (Path(__file__).resolve().parents[1] / "configs").resolve() == PACKAGED_CONFIGS.resolve()
 
