@@ -167,3 +167,25 @@ def test_streaming_run_trains_the_window_and_resumes_bit_identically(tmp_path, _
 def test_bad_streaming_configs_fail_before_anything_runs(tmp_path, overrides, field):
     with pytest.raises(ValueError, match=field):
         _streaming_cfg(tmp_path, *overrides)
+
+
+@pytest.mark.parametrize("switch", [None, 9, 3], ids=["one prompt", "switch in the window", "switch in the history"])
+def test_window_passes_reproduce_the_rollouts_last_step_with_prompt_switches(switch):
+    """The training passes see exactly what the sampler saw: at the window's last sampling step, x̂0 of the passes
+    (history re-committed, the prompt switched and LongLive's re-cache run where the rollout did them, earlier window
+    blocks clean) equals the rollout's output."""
+    from astrolabe_rl.models.schedule import sigma_of, x0_from_velocity
+    from astrolabe_rl.rollout import PromptSwitch, rollout_window
+
+    model = _model().eval()
+    g = torch.Generator().manual_seed(5)
+    text0, text1 = torch.randn(1, 8, 16, generator=g), torch.randn(1, 8, 16, generator=g)
+    switches = [] if switch is None else [PromptSwitch(switch, text1)]
+    out = rollout_window(model, text0, start=6, window=6, latent_hw=HW, sampler=ROLLING, history_seeds=[3],
+                         seeds=[4, 5], candidates=2, switches=switches, record=True)
+    t_last = out.traces[0].timesteps[-1]
+    x_t = torch.cat([tr.inputs[:, -1] for tr in out.traces], dim=1)  # each block's input at its last step
+    passes = WindowPasses(out.history, 6, ROLLING, HW, seeds=[0], switches={sw.frame: sw.text for sw in switches})
+    with torch.no_grad():
+        v = passes.velocity(model, x_t, t_last, text0.expand(2, -1, -1), out.latents)
+    torch.testing.assert_close(x0_from_velocity(x_t, v, sigma_of(t_last)), out.latents, atol=1e-5, rtol=0)

@@ -184,10 +184,7 @@ def _generate(
     c, hh, ww = clean.data.shape[2:]
     traces: list[BlockTrace] = []
     for i, (s, e) in enumerate(bounds):
-        if s in switch_text:
-            cache.text = model.encode_text(switch_text[s])
-            if sampler.recache_on_switch and committed:
-                _recache(model, cache, clean, committed, sampler, noise)
+        switch_prompt(model, cache, clean, s, committed, sampler, noise, switch_text)
         steps = sampler.steps.for_block(first=s == 0)
         x = noise.draw((e - s, c, hh, ww), clean.data.dtype)
         inputs = []
@@ -207,6 +204,18 @@ def _generate(
     return traces
 
 
+@torch.no_grad()
+def switch_prompt(model: CausalWan, cache: KVCache, clean: Frames, frame: int, committed: list[tuple[int, int]],
+                  sampler: SamplerConfig, noise: NoiseSource, switch_text: dict[int, Tensor]) -> None:
+    """Before the block at ``frame``: if the prompt switches there, set the cache's cross-attention to the new text
+    (``switch_text[frame] [B, L, D]``) and run the family's re-cache of the committed frames (`_recache`)."""
+    if frame not in switch_text:
+        return
+    cache.text = model.encode_text(switch_text[frame])
+    if sampler.recache_on_switch and committed:
+        _recache(model, cache, clean, committed, sampler, noise)
+
+
 @dataclass
 class WindowRollout:
     """One window of a long video per candidate, its K candidates sharing one history per prompt.
@@ -216,12 +225,14 @@ class WindowRollout:
         latents: clean latents ``[P·K, window, C, H, W]`` of the window (candidates of a prompt adjacent).
         start: absolute latent frame of the window's first frame.
         seeds: the window noise seed of each candidate.
+        traces: per window block, the noisy inputs of every step (only with ``record=True``).
     """
 
     history: Tensor
     latents: Tensor
     start: int
     seeds: list[int]
+    traces: list[BlockTrace] | None = None
 
 
 @torch.no_grad()
@@ -238,6 +249,7 @@ def rollout_window(
     candidates: int,
     switches: Sequence[PromptSwitch] = (),
     micro_batch: int | None = None,
+    record: bool = False,
 ) -> WindowRollout:
     """Streaming RL's rollout: each prompt's video is rolled from frame 0 to ``start`` once (noise from
     ``history_seeds [P]``), with the family's cache (rolling window + sink for long videos); the cache is then
@@ -270,7 +282,7 @@ def rollout_window(
     # frames with a rolling cache, all of them with a global one
     tail = min(start, sampler.cache.window_frames) if sampler.cache.rolling else start
     owner = torch.arange(p, device=device).repeat_interleave(candidates)  # sample -> its prompt's history
-    latents = []
+    latents, traces = [], []
     for i in range(0, b, micro_batch or b):
         chunk = owner[i : i + (micro_batch or b)]
         clean = Frames(torch.empty(len(chunk), tail + window, c, hh, ww, dtype=dtype, device=device),
@@ -278,10 +290,12 @@ def rollout_window(
         clean.data[:, :tail] = history.data[chunk, start - tail :]
         in_window = {sw.frame: sw.text.to(device)[chunk] if sw.text.shape[0] == p else sw.text.to(device)[i : i + len(chunk)]
                      for sw in switches if sw.frame >= start}
-        _generate(model, cache.take(chunk), clean, [be for be in bounds if be[0] >= start], list(committed), sampler,
-                  NoiseSource(seeds[i : i + len(chunk)], device), in_window)
+        traces.append(_generate(model, cache.take(chunk), clean, [be for be in bounds if be[0] >= start],
+                                list(committed), sampler, NoiseSource(seeds[i : i + len(chunk)], device), in_window,
+                                record))
         latents.append(clean.data[:, tail:])
-    return WindowRollout(history.data, torch.cat(latents), start, list(seeds))
+    merged = [BlockTrace(t[0].start, t[0].end, t[0].timesteps, torch.cat([x.inputs for x in t])) for t in zip(*traces)]
+    return WindowRollout(history.data, torch.cat(latents), start, list(seeds), merged if record else None)
 
 
 def _commit(

@@ -23,7 +23,7 @@ Time grows with the history (each pass re-commits it), unless ``history_kv=old``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -34,7 +34,7 @@ from astrolabe_rl.models.families import SamplerConfig
 from astrolabe_rl.models.kv_cache import KVCache
 from astrolabe_rl.models.schedule import renoise, sigma_of
 from astrolabe_rl.models.wan import CausalWan
-from astrolabe_rl.rollout import NoiseSource
+from astrolabe_rl.rollout import Frames, NoiseSource, switch_prompt
 
 
 def window_start(cfg: StreamingConfig, sampler: SamplerConfig, seed: int) -> int:
@@ -78,9 +78,12 @@ class WindowPasses:
 
     history: clean latents ``[b, s, C, h, w]`` before the window, one per sample, or ``[1, s, C, h, w]`` shared by
     every sample (one prompt's candidates: committed once, its cache broadcast).
-    start: the window's first absolute latent frame. shared: a cache already holding the history (``history_kv=old``:
-    θ_old's, built once by `commit_history` and cloned per pass); None commits the history with each pass's weights.
-    seeds: per-sample seeds of the noise that a family with a non-zero context timestep adds to committed frames.
+    start: the window's first absolute latent frame. switches: a multi-prompt video's schedule, ``{frame: text
+    [1, L, D]}`` for every prompt after the first (the first is the ``text`` given to `velocity`); the passes switch
+    the cache's prompt there, with the family's re-cache, as the rollout did. shared: a cache already holding the
+    history (``history_kv=old``: θ_old's, built once by `commit_history` and cloned per pass); None commits the
+    history with each pass's weights. seeds: per-sample seeds of the noise that a family with a non-zero context
+    timestep adds to committed frames.
     """
 
     history: Tensor
@@ -88,40 +91,67 @@ class WindowPasses:
     sampler: SamplerConfig
     latent_hw: tuple[int, int]
     seeds: list[int]
+    switches: dict[int, Tensor] = field(default_factory=dict)
     shared: KVCache | None = None
+
+    def history_cache(self, model: CausalWan, text: Tensor, window: int) -> KVCache:
+        """The cache at the window's start with ``model``'s weights, for ``text.shape[0]`` samples."""
+        b = text.shape[0]
+        if self.shared is not None:
+            return self.shared.clone()
+        if self.history.shape[0] == 1 < b:  # one prompt's candidates: commit its history once
+            cache = commit_history(model, self.history, text[:1], self.sampler, self.latent_hw, self.seeds[:1],
+                                   window, self.switches)
+            return cache.take(torch.zeros(b, dtype=torch.long))
+        return commit_history(model, self.history, text, self.sampler, self.latent_hw, self.seeds, window,
+                              self.switches)
 
     def velocity(self, model: CausalWan, x_t: Tensor, t: float, text: Tensor, x0: Tensor) -> Tensor:
         """``v [b, W, C, h, w]`` of the noisy window ``x_t`` (one σ for every frame, timestep ``t``) with each block
         seeing the history and the *clean* earlier window blocks ``x0`` (committed under ``no_grad``); gradient
-        flows only through the denoise calls, and only if it is enabled."""
-        if self.shared is not None:
-            cache = self.shared.clone()
-        elif self.history.shape[0] == 1 < x_t.shape[0]:  # one prompt's candidates: commit its history once
-            cache = commit_history(model, self.history, text[:1], self.sampler, self.latent_hw, self.seeds[:1],
-                                   x_t.shape[1]).take(torch.zeros(x_t.shape[0], dtype=torch.long))
-        else:
-            cache = commit_history(model, self.history, text, self.sampler, self.latent_hw, self.seeds, x_t.shape[1])
+        flows only through the denoise calls, and only if it is enabled. ``text [b, L, D]``: the video's first
+        prompt."""
+        b, w = x_t.shape[:2]
+        cache = self.history_cache(model, text, w)
         noise = NoiseSource([s + 1 for s in self.seeds], x0.device)  # the context noise of the window's commits
-        text_kv = model.encode_text(text)  # with gradient: the cache's copy was made under no_grad
+        bounds = self.sampler.block_bounds(w, start_frame=self.start)
+        # the prompt of each block, encoded with gradient (the cache's copy was made under no_grad)
+        active = max([0, *(f for f in self.switches if f <= self.start)])
+        texts = {f: self.switches[f].expand(b, -1, -1) for f in self.switches if active <= f < self.start + w}
+        texts[active] = text if active == 0 else texts[active]
+        text_kv = {f: model.encode_text(x) for f, x in texts.items()}
+        inside = {f: x for f, x in texts.items() if f > self.start}  # switches inside the window: re-cache there
+        frames = Frames(torch.cat([self.history.expand(b, -1, -1, -1, -1), x0.detach()], dim=1)) if inside else None
+        committed = self.sampler.block_bounds(self.start) if self.start else []
         out = []
-        for s, e in self.sampler.block_bounds(x_t.shape[1], start_frame=self.start):
-            block = (s - self.start, e - self.start)
-            out.append(model.denoise(cache, x_t[:, block[0] : block[1]], t, start_frame=s, text=text_kv))
-            _commit_clean(model, cache, x0[:, block[0] : block[1]], s, self.sampler, noise)
+        for s, e in bounds:
+            if s in inside:
+                switch_prompt(model, cache, frames, s, committed, self.sampler, noise, inside)
+            active = s if s in text_kv else active
+            out.append(model.denoise(cache, x_t[:, s - self.start : e - self.start], t, start_frame=s,
+                                     text=text_kv[active]))
+            _commit_clean(model, cache, x0[:, s - self.start : e - self.start], s, self.sampler, noise)
+            committed.append((s, e))
         return torch.cat(out, dim=1)
 
 
 @torch.no_grad()
 def commit_history(model: CausalWan, history: Tensor, text: Tensor, sampler: SamplerConfig,
-                   latent_hw: tuple[int, int], seeds: list[int], window: int) -> KVCache:
+                   latent_hw: tuple[int, int], seeds: list[int], window: int,
+                   switches: dict[int, Tensor] | None = None) -> KVCache:
     """A cache (sized for history + ``window`` frames, or the family's rolling size) holding ``history [b, s, ...]``
-    committed block by block with ``model``'s current weights, the prompt ``text [b, L, D]`` set."""
+    committed block by block with ``model``'s current weights, the prompt ``text [b, L, D]`` set and switched at the
+    ``switches`` frames (``{frame: text [1, L, D]}``) with the family's re-cache, as the rollout did."""
     b, s = history.shape[:2]
     cache = model.new_cache(b, latent_hw, s + window, sampler.cache)
     cache.text = model.encode_text(text)
     noise = NoiseSource(seeds, history.device)
+    frames, committed = Frames(history), []
+    texts = {f: x.expand(b, -1, -1) for f, x in (switches or {}).items() if f < s}
     for bs, be in sampler.block_bounds(s) if s else []:
+        switch_prompt(model, cache, frames, bs, committed, sampler, noise, texts)
         _commit_clean(model, cache, history[:, bs:be], bs, sampler, noise)
+        committed.append((bs, be))
     return cache
 
 
