@@ -189,3 +189,37 @@ def test_window_passes_reproduce_the_rollouts_last_step_with_prompt_switches(swi
     with torch.no_grad():
         v = passes.velocity(model, x_t, t_last, text0.expand(2, -1, -1), out.latents)
     torch.testing.assert_close(x0_from_velocity(x_t, v, sigma_of(t_last)), out.latents, atol=1e-5, rtol=0)
+
+
+def test_window_scenes_and_their_frame_weighted_scores():
+    from concurrent.futures import Future
+
+    from astrolabe_rl.train.recipe import WindowScore, window_scenes
+
+    # scene "a" on latent frames [0, 6), "b" from 6; a window of 6 latent frames from frame 3, 4 pixel frames each
+    assert window_scenes([0, 6], ["a", "b"], 3, 6, 4) == [(0, 12, "a"), (12, 24, "b")]
+    assert window_scenes([0, 6], ["a", "b"], 0, 6, 4) == [(0, 21, "a")]  # the video's first frame decodes to one
+    assert window_scenes([0, 6], ["a", "b"], 6, 3, 1) == [(0, 3, "b")]
+
+    def done(x):
+        f = Future()
+        f.set_result({"r": torch.tensor(x)})
+        return f
+
+    got = WindowScore([(done([1.0, 0.0]), 12), (done([4.0, 3.0]), 24)]).result()
+    torch.testing.assert_close(got["r"], torch.tensor([3.0, 2.0]))
+
+
+def test_a_scheduled_prompt_switches_inside_the_streaming_window(tmp_path, _single_process):
+    from astrolabe_rl.train import recipe
+
+    world = recipe.setup(_streaming_cfg(tmp_path, "streaming.choices=[3]",
+                                        'data.prompts=["a red ball [1.4s] | a blue cube", "a green cone"]'))
+    batch = recipe.streaming_rollout_phase(world, world.sampler_plan.epoch_plan(0))
+    scheduled = [w for w in batch.windows if world.prompts[int(batch.prompt_ids[w.rows.start])].startswith("a red")]
+    if not scheduled:
+        pytest.skip("this epoch drew no scheduled prompt")
+    assert list(scheduled[0].switches) == [6] and scheduled[0].start == 3
+    scores, _, _ = recipe.score_phase(world, batch)
+    assert all(torch.isfinite(v).all() for v in scores.values())
+    world.logger.close()

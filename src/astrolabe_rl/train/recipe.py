@@ -55,7 +55,7 @@ from astrolabe_rl.policy import Policy
 from astrolabe_rl.rewards.async_ import AsyncScorer
 from astrolabe_rl.rewards.base import FailureReport, Reward, build_reward, check_failures, score_all
 from astrolabe_rl.rewards.combine import combine_rewards
-from astrolabe_rl.rollout import rollout, rollout_window
+from astrolabe_rl.rollout import PromptSwitch, rollout, rollout_window
 from astrolabe_rl.train import dist
 from astrolabe_rl.train.checkpoint import (
     RunDirError,
@@ -125,7 +125,7 @@ class Batch:
     global_index: Tensor  # [n] long, position in the epoch's global batch
     seeds: list[int]
     prompts: list[str]
-    pending: list[Future]  # the scorer's futures, one per micro-batch: {reward name: [b]}
+    pending: list[Future | "WindowScore"]  # the scorer's results, one per micro-batch: .result() -> {name: [b]}
     first_videos: Tensor | None  # decoded videos of the first micro-batch [b, T, 3, H, W], for logging
     windows: list["Window"] | None = None  # train.mode=streaming: the prompts' histories and window starts
 
@@ -133,12 +133,14 @@ class Batch:
 @dataclass
 class Window:
     """Streaming: the samples ``rows`` (a slice of the batch) are K candidates of the window starting at latent frame
-    ``start`` of one prompt's video, whose clean history is ``history [1, start, C, h, w]``."""
+    ``start`` of one prompt's video, whose clean history is ``history [1, start, C, h, w]``; ``Batch.text`` holds the
+    video's first prompt."""
 
     rows: slice
     start: int
     history: Tensor
     seed: int  # seeds the context noise of the history's re-commits (families with a context timestep > 0)
+    switches: dict[int, Tensor]  # a multi-prompt video's later prompts: {latent frame: text [1, L, D]}
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -330,33 +332,76 @@ def streaming_rollout_phase(world: World, plan: list[dist.Sample]) -> Batch:
     candidates sample the window from that exact cache (`rollout_window`, ``rollout.micro_batch`` at a time); only
     the window is decoded (`decode_window`) and sent to the scorer. The window start is drawn per epoch or per prompt
     (``streaming.per``), the history's noise per (epoch, prompt), so every rank holding part of a group rolls the same
-    history."""
+    history.
+
+    A prompt line may be a schedule, ``scene one [10s] | scene two`` (`generate.parse_prompt_line`, LongLive's
+    interactive setting): the prompt switches at the scene starts, with the family's re-cache, in the history or in
+    the window; the window is scored against the scene(s) it shows (`WindowScore`: a window straddling a switch is
+    scored part by part, weighted by frames).
+    """
+    from astrolabe_rl.generate import parse_prompt_line, switch_frames
+
     cfg, st = world.cfg, world.cfg.streaming
-    prompts = [world.prompts[s.prompt_id] for s in plan]
+    lines = [world.prompts[s.prompt_id] for s in plan]
     seeds = [s.seed_for_noise for s in plan]
-    text = world.io.encode(prompts)
     model = world.policy.sampling_model()
-    latents, pending, windows = [], [], []
+    latents, texts, pending, windows = [], [], [], []
     for rows in _groups(plan):
+        scenes = parse_prompt_line(lines[rows.start])
+        frames = switch_frames(scenes, world.sampler, st.video_frames, world.family.temporal_stride)
+        scene_text = world.io.encode([sc.prompt for sc in scenes])  # [n_scenes, L, D]
+        switches = [PromptSwitch(f, scene_text[i : i + 1]) for i, f in enumerate(frames) if i]
         slot = plan[rows.start].global_index // cfg.rollout.candidates
         start = window_start(st, world.sampler, dist.mix_seed(
             cfg.train.seed, "window", world.epoch, *((slot,) if st.per == "prompt" else ())))
         seed = dist.mix_seed(cfg.train.seed, "history", world.epoch, slot)
-        out = rollout_window(model, text[rows.start : rows.start + 1], start=start, window=st.window,
-                             latent_hw=world.family.latent_hw, sampler=world.sampler, history_seeds=[seed],
-                             seeds=seeds[rows], candidates=rows.stop - rows.start, micro_batch=cfg.rollout.micro_batch)
-        owner = torch.zeros(rows.stop - rows.start, dtype=torch.long)
-        for sl in _chunks(rows.stop - rows.start, cfg.rollout.micro_batch):
+        n = rows.stop - rows.start
+        out = rollout_window(model, scene_text[:1], start=start, window=st.window, latent_hw=world.family.latent_hw,
+                             sampler=world.sampler, history_seeds=[seed], seeds=seeds[rows], candidates=n,
+                             switches=switches, micro_batch=cfg.rollout.micro_batch)
+        parts = window_scenes(frames, [sc.prompt for sc in scenes], start, st.window, world.family.temporal_stride)
+        owner = torch.zeros(n, dtype=torch.long)
+        for sl in _chunks(n, cfg.rollout.micro_batch):
             videos = decode_window(world.io.decoder, out.history, out.latents[sl], owner[sl], st.decode_warmup)
-            pending.append(world.scorer.submit(videos, prompts[rows][sl]))
+            pending.append(WindowScore([(world.scorer.submit(videos[:, a:b], [prompt] * videos.shape[0]), b - a)
+                                        for a, b, prompt in parts]))
         latents.append(out.latents)
-        windows.append(Window(rows, start, out.history, seed))
+        texts.append(scene_text[:1].expand(n, -1, -1))
+        windows.append(Window(rows, start, out.history, seed, {sw.frame: sw.text for sw in switches}))
     device = latents[0].device
     return Batch(
-        latents=torch.cat(latents), text=text, prompt_ids=torch.tensor([s.prompt_id for s in plan], device=device),
-        global_index=torch.tensor([s.global_index for s in plan], device=device), seeds=seeds, prompts=prompts,
+        latents=torch.cat(latents), text=torch.cat(texts), seeds=seeds, prompts=lines,
+        prompt_ids=torch.tensor([s.prompt_id for s in plan], device=device),
+        global_index=torch.tensor([s.global_index for s in plan], device=device),
         pending=pending, first_videos=None, windows=windows,
     )
+
+
+def window_scenes(starts: list[int], prompts: list[str], start: int, window: int,
+                  temporal_stride: int) -> list[tuple[int, int, str]]:
+    """The scenes a window shows, as ``(first, end, prompt)`` ranges of its decoded frames: scene ``i`` runs from
+    latent frame ``starts[i]`` to the next start; the window holds latent frames ``[start, start + window)``, decoded
+    to ``temporal_stride`` pixel frames each (the video's first latent frame to one)."""
+    def pixel(latent: int) -> int:  # the window's first decoded frame of this absolute latent frame
+        first = 0 if start == 0 else 1 + temporal_stride * (start - 1)
+        return (0 if latent == 0 else 1 + temporal_stride * (latent - 1)) - first
+
+    ends = [*starts[1:], start + window]
+    return [(pixel(max(a, start)), pixel(min(b, start + window)), prompt)
+            for a, b, prompt in zip(starts, ends, prompts) if a < start + window and b > start]
+
+
+@dataclass
+class WindowScore:
+    """The scores of a window's videos from the parts it was scored in: ``(future, frames)`` per scene part; the
+    result is every score's frame-weighted mean over the parts (one part: that part's scores)."""
+
+    parts: list[tuple[Future, int]]
+
+    def result(self) -> dict[str, Tensor]:
+        got = [(f.result(), n) for f, n in self.parts]
+        total = sum(n for _, n in got)
+        return {k: sum(r[k] * (n / total) for r, n in got) for k in got[0][0]}
 
 
 def _groups(plan: list[dist.Sample]) -> list[slice]:
@@ -604,11 +649,11 @@ def _window_passes(world: World, batch: Batch, rows: slice) -> WindowPasses | No
     if batch.windows is None:
         return None
     w = next(w for w in batch.windows if w.rows.start <= rows.start < w.rows.stop)
-    passes = WindowPasses(w.history, w.start, world.sampler, world.family.latent_hw, seeds=[w.seed])
+    passes = WindowPasses(w.history, w.start, world.sampler, world.family.latent_hw, seeds=[w.seed], switches=w.switches)
     if world.cfg.streaming.history_kv == "old":
         with world.policy.use("old") as model:
             shared = commit_history(model, w.history, batch.text[rows.start : rows.start + 1], world.sampler,
-                                    world.family.latent_hw, passes.seeds, batch.latents.shape[1])
+                                    world.family.latent_hw, passes.seeds, batch.latents.shape[1], w.switches)
         passes.shared = shared.take(torch.zeros(rows.stop - rows.start, dtype=torch.long))
     return passes
 
