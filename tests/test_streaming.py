@@ -162,6 +162,8 @@ def test_streaming_run_trains_the_window_and_resumes_bit_identically(tmp_path, _
     (["streaming.choices=[9]"], r"streaming.choices \[9\] start past the end"),
     (["streaming.choices=[4]"], "block starts"),
     (["streaming.decode_warmup=-1"], "streaming.decode_warmup"),
+    (["streaming.overlap=6"], "streaming.overlap=6"),
+    (["streaming.overlap=2"], "whole blocks"),
     (["dist.strategy=fsdp2"], "dist.strategy"),
 ])
 def test_bad_streaming_configs_fail_before_anything_runs(tmp_path, overrides, field):
@@ -223,3 +225,16 @@ def test_a_scheduled_prompt_switches_inside_the_streaming_window(tmp_path, _sing
     scores, _, _ = recipe.score_phase(world, batch)
     assert all(torch.isfinite(v).all() for v in scores.values())
     world.logger.close()
+
+
+def test_overlap_trains_the_boundary_frames_toward_the_history(tmp_path, _single_process):
+    from astrolabe_rl.train import recipe
+
+    world = recipe.setup(_streaming_cfg(tmp_path, "streaming.choices=[6]", "streaming.overlap=3",
+                                        "streaming.boundary_weight=2.0"))
+    m = recipe.run_epoch(world)
+    world.logger.close()
+    assert m["loss/boundary"] > 0
+    # the loss is the NFT objective on the window plus 2 × the boundary term on the overlap
+    assert m["loss/loss"] == pytest.approx(m["loss/policy_loss"] + 1e-4 * m["loss/kl_selected"]
+                                           + 2.0 * m["loss/boundary"], rel=1e-5)

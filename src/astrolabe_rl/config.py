@@ -97,6 +97,8 @@ class StreamingConfig:
     choices: list[int] = _f([21], "window starts in latent frames for start=choices (released window_choices [21]; e.g. [21, 39, 57])")
     per: str = _f("epoch", "how often the window start is drawn: epoch (one for the whole epoch, released) or prompt (one per prompt)")
     history_kv: str = _f("per_policy", "the history's K/V in the three training passes: per_policy (each pass commits the history with its own weights: θ, θ_old, reference) or old (θ_old's, shared by the three: cheaper, approximate)")
+    overlap: int = _f(0, "latent frames (whole blocks) of the committed history trained with each window, beyond the paper: the NFT loss covers the new frames, and θ's x̂0 of the overlap is pulled toward the committed frames (boundary_weight), against seams at window boundaries; 0 = off")
+    boundary_weight: float = _f(1.0, "weight of the boundary-consistency term ‖x̂0_θ − x0‖² on the overlap frames (with overlap > 0)")
     decode_warmup: int = _f(0, "latent frames of history fed to the decoder's causal cache before the window is decoded; 0 = the whole history (exact)")
 
 
@@ -475,6 +477,11 @@ def _validate_streaming(cfg: Config) -> None:
     if not 0 < st.window <= st.video_frames:
         raise ValueError(f"streaming.window={st.window} must lie in [1, streaming.video_frames={st.video_frames}]: "
                          "the window is part of the video")
+    if not 0 <= st.overlap < st.window:
+        raise ValueError(f"streaming.overlap={st.overlap} must lie in [0, streaming.window={st.window}): the overlap "
+                         "is the part of a window that the previous one already generated")
+    if st.boundary_weight < 0:
+        raise ValueError(f"streaming.boundary_weight must be >= 0, got {st.boundary_weight}")
     if st.decode_warmup < 0:
         raise ValueError(f"streaming.decode_warmup must be >= 0 (0 = the whole history), got {st.decode_warmup}")
     if st.start == "choices":
@@ -494,6 +501,9 @@ def _validate_streaming(cfg: Config) -> None:
             starts = {s for s, _ in FAMILIES[cfg.model.family].sampler.block_bounds(st.video_frames)}
         except ValueError as e:
             raise ValueError(f"streaming.video_frames={st.video_frames}: {e}") from None
+        if st.overlap % FAMILIES[cfg.model.family].sampler.frames_per_block:
+            raise ValueError(f"streaming.overlap={st.overlap} must be whole blocks of "
+                             f"{FAMILIES[cfg.model.family].sampler.frames_per_block} latent frames")
         bad = [c for c in (st.choices if st.start == "choices" else []) if c not in starts]
         if bad or (st.video_frames - st.window) not in starts:
             raise ValueError(f"streaming window starts must be block starts of the {cfg.model.family} sampler "

@@ -554,8 +554,14 @@ def micro_step(
     (no grad: the mean x̂0 of the ``reference`` adapters, `reference_adapters`). ``kl_mask [b]`` bool picks the
     samples the KL covers (None: all). ``tcfg.context`` picks the released noisy block-causal layout or the clean
     teacher-forcing one; with ``window`` (streaming) x0 is a window whose passes see the history as detached K/V and
-    the window's earlier blocks clean (`train.streaming.WindowPasses`).
+    the window's earlier blocks clean (`train.streaming.WindowPasses`); its ``overlap`` frames (the history's last,
+    already committed) are trained with it: the NFT loss covers the window, and θ's x̂0 of the overlap is pulled to
+    the committed frames, ``boundary_weight·‖x̂0_θ − x0‖²`` (logged as ``boundary``); ``noise`` then covers both.
     """
+    lead = 0 if window is None or window.overlap is None else window.overlap.shape[1]
+    window_x0 = x0
+    if lead:
+        x0 = torch.cat([window.overlap.expand(x0.shape[0], -1, -1, -1, -1).to(x0.dtype), x0], dim=1)
     x_t = renoise(x0, sigma, noise)
     t = sigma * 1000.0
     layout = dict(
@@ -581,10 +587,16 @@ def micro_step(
                 x0_ref = pred if x0_ref is None else x0_ref + pred
             x0_ref = x0_ref / len(reference)
     x0_theta = predict(train_model)
-    return nft_objective(
-        x0_theta, x0_old, x0_ref, x0, r, beta=tcfg.beta, kl_weight=tcfg.kl_weight,
-        form=tcfg.loss_form, adv_clip=tcfg.adv_clip, kl_mask=kl_mask, sample_weight=keep.float(),
+    loss, stats = nft_objective(
+        x0_theta[:, lead:], x0_old[:, lead:], None if x0_ref is None else x0_ref[:, lead:], window_x0, r,
+        beta=tcfg.beta, kl_weight=tcfg.kl_weight, form=tcfg.loss_form, adv_clip=tcfg.adv_clip, kl_mask=kl_mask,
+        sample_weight=keep.float(),
     )
+    if lead:
+        boundary = (x0_theta[:, :lead].float() - x0[:, :lead].float()).square().mean()
+        loss = loss + window.boundary_weight * boundary
+        stats.update(boundary=boundary.detach(), loss=loss.detach())
+    return loss, stats
 
 
 def update_phase(world: World, batch: Batch, adv: Advantages, kl_mask: Tensor,
@@ -612,12 +624,15 @@ def update_phase(world: World, batch: Batch, adv: Advantages, kl_mask: Tensor,
         g = torch.Generator().manual_seed(dist.mix_seed(cfg.train.seed, "sigma", epoch, order[sl][0]))
         sigma = _train_sigmas(world, g)
         seeds = [dist.mix_seed(cfg.train.seed, "train-noise", epoch, j) for j in order[sl]]
-        noise = _sample_noise(batch.latents[sl], seeds)
+        window = _window_passes(world, batch, sl)
+        lead = 0 if window is None or window.overlap is None else window.overlap.shape[1]
+        noise = _sample_noise(batch.latents[sl].new_empty(sl.stop - sl.start, lead + batch.latents.shape[1],
+                                                          *batch.latents.shape[2:]), seeds)
         with dist.no_sync(world.train_model, enabled=i < len(chunks) - 1):
             loss, stats = micro_step(
                 world.policy, world.train_model, world.sampler, cfg.train,
                 batch.latents[sl], batch.text[sl], adv.r[sl], adv.keep[sl], sigma, noise,
-                reference=world.reference, kl_mask=kl_mask[sl], window=_window_passes(world, batch, sl),
+                reference=world.reference, kl_mask=kl_mask[sl], window=window,
             )
             (loss / len(chunks)).backward()
         if "kl_selected" in stats:
@@ -649,11 +664,15 @@ def _window_passes(world: World, batch: Batch, rows: slice) -> WindowPasses | No
     if batch.windows is None:
         return None
     w = next(w for w in batch.windows if w.rows.start <= rows.start < w.rows.stop)
-    passes = WindowPasses(w.history, w.start, world.sampler, world.family.latent_hw, seeds=[w.seed], switches=w.switches)
+    st = world.cfg.streaming
+    lead = min(st.overlap, w.start)  # the first window has no history to overlap
+    passes = WindowPasses(w.history[:, : w.start - lead], w.start - lead, world.sampler, world.family.latent_hw,
+                          seeds=[w.seed], switches=w.switches,
+                          overlap=w.history[:, w.start - lead :] if lead else None, boundary_weight=st.boundary_weight)
     if world.cfg.streaming.history_kv == "old":
         with world.policy.use("old") as model:
-            shared = commit_history(model, w.history, batch.text[rows.start : rows.start + 1], world.sampler,
-                                    world.family.latent_hw, passes.seeds, batch.latents.shape[1], w.switches)
+            shared = commit_history(model, passes.history, batch.text[rows.start : rows.start + 1], world.sampler,
+                                    world.family.latent_hw, passes.seeds, lead + batch.latents.shape[1], w.switches)
         passes.shared = shared.take(torch.zeros(rows.stop - rows.start, dtype=torch.long))
     return passes
 

@@ -83,7 +83,9 @@ class WindowPasses:
     the cache's prompt there, with the family's re-cache, as the rollout did. shared: a cache already holding the
     history (``history_kv=old``: θ_old's, built once by `commit_history` and cloned per pass); None commits the
     history with each pass's weights. seeds: per-sample seeds of the noise that a family with a non-zero context
-    timestep adds to committed frames.
+    timestep adds to committed frames. overlap, boundary_weight: with ``streaming.overlap`` the passes start
+    ``o`` frames before the new window, at the history's last frames, and `recipe.micro_step` adds the
+    boundary-consistency term on them (then ``history`` ends where the overlap begins).
     """
 
     history: Tensor
@@ -93,6 +95,8 @@ class WindowPasses:
     seeds: list[int]
     switches: dict[int, Tensor] = field(default_factory=dict)
     shared: KVCache | None = None
+    overlap: Tensor | None = None  # [1, o, C, h, w]: history frames trained with the window (streaming.overlap)
+    boundary_weight: float = 0.0  # weight of θ's x̂0 of the overlap pulled to those frames
 
     def history_cache(self, model: CausalWan, text: Tensor, window: int) -> KVCache:
         """The cache at the window's start with ``model``'s weights, for ``text.shape[0]`` samples."""
