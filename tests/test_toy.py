@@ -333,3 +333,28 @@ def test_the_demo_headline_does_not_rise_for_a_run_that_only_hacks():
     assert results["toy_noise"]["delta"] > 0  # ...its monitor saw the hack...
     assert headline(results)["oracle_gap_closed"] <= 0.0  # ...and the headline did not move up
     assert "render" in headline(results)["oracle_worse"]
+
+
+def test_long_videos_extend_the_clip_world_bounce_wrap_and_switch():
+    from astrolabe_rl.toy.world import render, render_long
+
+    p = "a small red circle moving right quickly over stripes"
+    clip = render([p], [3])
+    long = render_long([[(0, p)]], [3], 40)
+    assert long.shape == (1, 40, 3, 32, 32)
+    assert torch.equal(long[:, :9], clip)  # the first frames are the clip world's
+    # bouncing: the object's red mass stays whole in every frame and comes back leftwards
+    red = (long[0, :, 0] > 0.8) & (long[0, :, 1] < 0.3)
+    area = red.flatten(1).sum(1)
+    assert (area > 0.6 * area[0]).all()
+    xs = torch.stack([torch.nonzero(m)[:, 1].float().mean() for m in red])
+    assert xs[20] < xs[12] or xs[30] < xs[20]  # moving left again after a bounce
+    wrapped = render_long([[(0, p)]], [3], 40, boundary="wrap")
+    assert not torch.equal(wrapped, long)
+    # a scene switch at frame 10 turns the object blue where it is
+    switched = render_long([[(0, p), (10, p.replace("red", "blue"))]], [3], 20)
+    assert torch.equal(switched[:, :10], long[:, :10])
+    blue = (switched[0, 10:, 2] > 0.8) & (switched[0, 10:, 0] < 0.3)
+    assert blue.flatten(1).any(1).all()
+    with pytest.raises(ValueError, match="background stays"):
+        render_long([[(0, p), (5, p.replace("stripes", "checks"))]], [0], 10)

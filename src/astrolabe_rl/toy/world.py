@@ -273,3 +273,63 @@ def render(prompts: list[str], seeds: list[int], world: WorldConfig = WORLD) -> 
     bg = torch.stack(backgrounds)[:, None]  # [B, 1, 3, H, W]
     video = alpha * colour + (1 - alpha) * bg
     return (torch.round(video * QUANT) / QUANT).float()
+
+
+# ---------------------------------------------------------------------------------------------------- long videos
+
+BOUNDARIES = ("bounce", "wrap")
+
+
+def render_long(schedules: list[list[tuple[int, str]]], seeds: list[int], frames: int, boundary: str = "bounce",
+                world: WorldConfig = WORLD) -> Tensor:
+    """Long videos ``[B, frames, 3, H, W]`` (float32, multiples of 1/1024): the clip world, kept moving.
+
+    ``schedules[b]`` lists ``(first frame, prompt)`` scenes, the first at frame 0: from each scene's frame on the
+    object takes that prompt's size, colour, shape and velocity (a colour change, a turn) and continues from where
+    it is; the background is the first scene's (a later scene must name the same). The object starts as in
+    `render` (the same seed gives the same first ``world.frames`` frames while it stays inside) and, on reaching a
+    border, ``bounce`` reflects it (its velocity flips on that axis) or ``wrap`` carries it out one side and in at the
+    other (drawn on both sides while it crosses). Video b depends only on ``(schedules[b], seeds[b])``.
+    """
+    if boundary not in BOUNDARIES:
+        raise ValueError(f"boundary must be one of {BOUNDARIES}; got {boundary!r}")
+    if len(schedules) != len(seeds):
+        raise ValueError(f"{len(schedules)} schedules but {len(seeds)} seeds; give one seed per video")
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    n = world.size
+    videos = []
+    for schedule, seed in zip(schedules, seeds):
+        if not schedule or schedule[0][0] != 0 or any(a >= b for (a, _), (b, _) in zip(schedule, schedule[1:])):
+            raise ValueError(f"a schedule lists (frame, prompt) scenes in increasing order from frame 0; got {schedule}")
+        specs = [(f, parse_prompt(p)) for f, p in schedule]
+        if len({s.background for _, s in specs}) > 1:
+            raise ValueError(f"the background stays for the whole video; the scenes of {schedule} name several")
+        g = torch.Generator().manual_seed(int(seed))
+        pos = torch.tensor(_start(specs[0][1], g, world), dtype=torch.float64)
+        bg = _background(BACKGROUNDS.index(specs[0][1].background), g, n)
+        out, vel, active = [], torch.zeros(2, dtype=torch.float64), None
+        for t in range(frames):
+            scene = max(i for i, (f, _) in enumerate(specs) if f <= t)
+            spec = specs[scene][1]
+            if scene != active:  # a new scene sets the velocity; bounces flip it until the next one
+                active, vel = scene, torch.tensor(spec.velocity, dtype=torch.float64)
+            if t:
+                pos = pos + vel
+                if boundary == "bounce":
+                    lo, hi = spec.radius + 1.0, n - spec.radius - 1.0
+                    for axis in (0, 1):
+                        if not lo <= float(pos[axis]) <= hi:
+                            pos[axis] = 2 * (lo if pos[axis] < lo else hi) - pos[axis]
+                            vel[axis] = -vel[axis]
+                else:
+                    pos = pos % n
+            centres = pos[None] + (torch.tensor([[dx, dy] for dx in (-n, 0, n) for dy in (-n, 0, n)],
+                                                dtype=torch.float64) if boundary == "wrap" else 0)
+            k = centres.shape[0]
+            alpha = shape_alpha(torch.full((k,), SHAPES.index(spec.shape)), centres,
+                                torch.full((k,), spec.radius, dtype=torch.float64), n).amax(0)[None]
+            colour = torch.tensor(spec.rgb, dtype=torch.float64)[:, None, None]
+            out.append(alpha * colour + (1 - alpha) * bg)
+        videos.append(torch.stack(out))
+    return (torch.round(torch.stack(videos) * QUANT) / QUANT).float()
