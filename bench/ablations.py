@@ -115,23 +115,32 @@ def table(rows: list[dict], seeds: list[int], epochs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 seed, 3 epochs, smallest sizes (smoke run)")
+def parse_args(argv: list[str] | None, doc: str, rows: list[tuple[str, list[str]]], out: str, epochs: int,
+               quick_epochs: int, flag: str = "--options") -> tuple[argparse.Namespace, list[tuple[str, list[str]]]]:
+    """The command line of a toy-world table bench: ``--quick``, ``--seeds``, ``--epochs``, ``--out``, ``--workdir``
+    and ``flag`` (run only some of the labelled ``rows``); returns the arguments, with seeds and epochs filled in, and
+    the rows to run."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=f"1 seed, {quick_epochs} epochs, smallest sizes (smoke run)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 16; --quick 3)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "ablations.md",
-                   help="markdown table (default bench/ablations.md)")
+    p.add_argument("--epochs", type=int, default=None, help=f"epochs per run (default {epochs}; --quick {quick_epochs})")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / out,
+                   help=f"markdown table (default bench/{out})")
     p.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
-    p.add_argument("--options", nargs="+", default=None, metavar="LABEL",
-                   help=f"run only these rows (default: all of {', '.join(label for label, _ in OPTIONS)})")
+    p.add_argument(flag, dest="labels", nargs="+", default=None, metavar="LABEL",
+                   help=f"run only these rows (default: all of {', '.join(label for label, _ in rows)})")
     args = p.parse_args(argv)
-    known = dict(OPTIONS)
-    if args.options is not None and (unknown := [o for o in args.options if o not in known]):
-        p.error(f"unknown option label(s) {unknown}; choose from {list(known)}")
-    options = [(label, known[label]) for label in args.options] if args.options else OPTIONS
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    epochs = args.epochs or (3 if args.quick else 16)
+    known = dict(rows)
+    if args.labels is not None and (unknown := [o for o in args.labels if o not in known]):
+        p.error(f"unknown {flag.strip('-').rstrip('s')} label(s) {unknown}; choose from {list(known)}")
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    args.epochs = args.epochs or (quick_epochs if args.quick else epochs)
+    return args, [(label, known[label]) for label in args.labels] if args.labels else list(rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, options = parse_args(argv, __doc__, OPTIONS, "ablations.md", epochs=16, quick_epochs=3)
+    seeds, epochs = args.seeds, args.epochs
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(options, seeds, epochs, args.quick, args.workdir or Path(tmp))

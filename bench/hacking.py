@@ -28,7 +28,6 @@ Prints one JSON line; writes the markdown table to ``--out`` (default ``bench/ha
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -42,7 +41,7 @@ except ModuleNotFoundError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import yaml  # noqa: E402
-from ablations import mean_sd, run  # noqa: E402  (bench/ is the script's folder)
+from ablations import mean_sd, parse_args, run  # noqa: E402  (bench/ is the script's folder)
 
 from astrolabe_rl.train.logging import read_metrics  # noqa: E402
 
@@ -124,22 +123,9 @@ def table(rows: list[dict], seeds: list[int], epochs: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, smallest sizes (smoke run)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 24; --quick 2)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "hacking.md",
-                   help="markdown table (default bench/hacking.md)")
-    p.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
-    p.add_argument("--rows", nargs="+", default=None, metavar="LABEL",
-                   help=f"run only these rows (default: all of {', '.join(label for label, _ in ROWS)})")
-    args = p.parse_args(argv)
-    known = dict(ROWS)
-    if args.rows is not None and (unknown := [o for o in args.rows if o not in known]):
-        p.error(f"unknown row label(s) {unknown}; choose from {list(known)}")
-    rows_cfg = [(label, [REWARDS, *known[label]]) for label in (args.rows or known)]
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    epochs = args.epochs or (2 if args.quick else 24)
+    args, rows_cfg = parse_args(argv, __doc__, ROWS, "hacking.md", epochs=24, quick_epochs=2, flag="--rows")
+    rows_cfg = [(label, [REWARDS, *overrides]) for label, overrides in rows_cfg]
+    seeds, epochs = args.seeds, args.epochs
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(rows_cfg, seeds, epochs, args.quick, args.workdir or Path(tmp), select_best=False)

@@ -102,30 +102,38 @@ def _metric_lines(run_dir):
     return out
 
 
-def test_resume_after_a_crash_is_bit_identical(tmp_path):
-    full = recipe.setup(_cfg(tmp_path / "full", "checkpoint.every=1"))
-    for _ in range(4):
+def crash_and_resume(tmp_path, make_cfg, *opts: str, epochs: int = 4, crash_at: int = 2):
+    """An uninterrupted run of ``epochs`` (``tmp_path/full``) against one that dies after ``crash_at`` and resumes
+    from its last checkpoint (``tmp_path/resumed``); asserts that every adapter, the EMA and the logged metrics
+    after the crash are bit-identical, and returns the two (closed) worlds."""
+    full = recipe.setup(make_cfg(tmp_path / "full", "checkpoint.every=1", *opts))
+    for _ in range(epochs):
         recipe.run_epoch(full)
     full.logger.close()
 
-    crashed = recipe.setup(_cfg(tmp_path / "resumed", "checkpoint.every=1"))
-    for _ in range(2):
+    crashed = recipe.setup(make_cfg(tmp_path / "resumed", "checkpoint.every=1", *opts))
+    for _ in range(crash_at):
         recipe.run_epoch(crashed)
     crashed.logger.close()
     del crashed  # the process dies here; only the run directory survives
 
-    resumed = recipe.setup(_cfg(tmp_path / "resumed", "checkpoint.every=1", "checkpoint.resume=auto"))
-    assert (resumed.step, resumed.epoch) == (2, 2)
-    for _ in range(2):
+    resumed = recipe.setup(make_cfg(tmp_path / "resumed", "checkpoint.every=1", *opts, "checkpoint.resume=auto"))
+    assert (resumed.step, resumed.epoch) == (crash_at, crash_at)
+    for _ in range(epochs - crash_at):
         recipe.run_epoch(resumed)
     resumed.logger.close()
 
-    for adapter in ("default", "old"):
+    for adapter in ("default", "old", *full.policy.extra_adapters):
         a, b = _params(full, adapter), _params(resumed, adapter)
         assert all(torch.equal(a[k], b[k]) for k in a), adapter
     assert all(torch.equal(full.policy.ema[k], resumed.policy.ema[k]) for k in full.policy.ema)
     ma, mb = _metric_lines(tmp_path / "full"), _metric_lines(tmp_path / "resumed")
-    assert ma[3] == mb[3] and ma[4] == mb[4]
+    assert all(ma[step] == mb[step] for step in range(crash_at + 1, epochs + 1))
+    return full, resumed
+
+
+def test_resume_after_a_crash_is_bit_identical(tmp_path):
+    crash_and_resume(tmp_path, _cfg)
 
 
 def test_resume_refuses_a_run_altering_change(tmp_path):

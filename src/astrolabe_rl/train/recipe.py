@@ -3,19 +3,21 @@
 One epoch is one optimiser step (`reference/astrolabe.md` §2.2, DESIGN §3):
 
     plan      = sampler.epoch_plan(epoch)                 P prompts × K candidates, spread over the ranks
+    reference_phase(...)                                   train.reference=dynamic: re-copy the reference from θ?
     batch     = rollout_phase(...)                         θ_old samples clean latents x0 [n, F, C, H, W]; each
                                                            micro-batch is decoded and sent to the scorer
     scores    = score_phase(...)                           every reward raw (+ monitors)
-    reference_phase(...)                                   train.reference=dynamic: re-copy the reference from θ?
     adv       = advantage_phase(...)                       gather, combine, A = (R − mean_group)/(std + 1e-4), r
     kl_mask   = regularize_phase(...)                      which samples the KL covers (all, or the selective set)
     stats     = update_phase(...)                          per micro-batch: σ, ε, x_t, 3 passes, NFT loss; one step
     sync_phase(...)                                        θ_old ← η·θ_old + (1 − η)·θ ; EMA (+ the EMA references)
     evaluate / log / checkpoint
 
-``train.mode=streaming`` swaps three phases for their long-video forms (`train.streaming`): the rollout rolls each
-prompt's history once and samples K candidates of one window, only the window is decoded and scored, and the update's
-passes see the history as detached K/V. `train` runs `setup`, the epochs and `teardown`; a caller that needs to act around them (the toy demo films the
+``train.mode=streaming`` swaps two phases for their long-video forms (`train.streaming`): the rollout rolls each
+prompt's history once and samples K candidates of one window, of which only the window is decoded and scored, and
+the update's passes see the history as detached K/V.
+
+`train` runs `setup`, the epochs and `teardown`; a caller that needs to act around them (the toy demo films the
 base before training and the EMA after) passes `Callbacks` rather than copying the loop. Everything that touches
 torch.distributed lives in `train.dist`; this file reads like the algorithm.
 """
