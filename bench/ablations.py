@@ -52,9 +52,10 @@ OPTIONS: list[tuple[str, list[str]]] = [
 QUICK_SIZE = ["rollout.prompts_per_epoch=2", "rollout.candidates=4", "eval.every=0"]
 
 
-def mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float], digits: int = 3) -> str:
+    """``mean ± sample std`` of the values over seeds (std 0 for one)."""
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
 def run(options: list[tuple[str, list[str]]], seeds: list[int], epochs: int, quick: bool, workdir: Path,

@@ -109,7 +109,7 @@ def table(rows: list[dict], seeds: list[int], epochs: int) -> str:
         runs, extras = row["runs"], row["extras"]
         cells = [
             mean_sd([r["oracle_gap_closed"] for r in runs]),
-            mean_sd([r["hack_monitor"]["after"] for r in runs]),
+            mean_sd([r["hack_monitor"]["after"] for r in runs], digits=4),
             mean_sd([gain(r, MAIN) for r in runs]),
             *[mean_sd([gain(r, a) for r in runs]) for a in AUXILIARY],
             mean_sd([r["kl_base_final"] for r in runs]),

@@ -228,12 +228,21 @@ def test_smoke_config_runs_from_the_command_line(tmp_path):
     assert (tmp_path / "tables" / "rollouts.jsonl").is_file()
 
 
-def test_two_processes_agree_with_one(tmp_path):
+STREAMING_SELECTIVE = [
+    "train.mode=streaming", "streaming.video_frames=6", "streaming.window=3", "streaming.choices=[3]",
+    "rewards.components=[{name: sharpness, weight: 1.0}, {name: saturation, weight: 0.5}]", "train.kl_weight=0.1",
+    "regularize.mode=selective", "regularize.main=sharpness", "regularize.auxiliary=[saturation]", "regularize.rho=0.2",
+]
+
+
+@pytest.mark.parametrize("extra", [[], STREAMING_SELECTIVE], ids=["clip", "streaming+selective"])
+def test_two_processes_agree_with_one(tmp_path, extra):
+    # streaming averages the gradients by hand, and selective KL gathers every rank's rewards before it selects
     common = ["lora.rank=4", "lora.alpha=4", "data.prompts=[a red ball, a blue cube, a green cone]",
               "rollout.prompts_per_epoch=2", "rollout.candidates=2", "rollout.num_frames=3",
               "rollout.micro_batch=1", "rewards.components=[{name: sharpness, weight: 1.0}]", "rewards.monitors=[]",
               "log.tensorboard=false", "log.plots=false", "log.progress=false", "eval.every=0",
-              "checkpoint.every=2", "train.epochs=2", "train.lr=1e-3", "dist.strategy=ddp"]
+              "checkpoint.every=2", "train.epochs=2", "train.lr=1e-3", "dist.strategy=ddp", *extra]
     env = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     _run_cli([sys.executable, "-m", "astrolabe_rl.cli", "train", f"run_dir={tmp_path / 'one'}", *common], env)
     _run_cli([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -347,7 +347,7 @@ def streaming_rollout_phase(world: World, plan: list[dist.Sample]) -> Batch:
     lines = [world.prompts[s.prompt_id] for s in plan]
     seeds = [s.seed_for_noise for s in plan]
     model = world.policy.sampling_model()
-    latents, texts, pending, windows = [], [], [], []
+    latents, texts, pending, windows, first_videos = [], [], [], [], None
     for rows in _groups(plan):
         scenes = parse_prompt_line(lines[rows.start])
         frames = switch_frames(scenes, world.sampler, st.video_frames, world.family.temporal_stride)
@@ -365,6 +365,7 @@ def streaming_rollout_phase(world: World, plan: list[dist.Sample]) -> Batch:
         owner = torch.zeros(n, dtype=torch.long)
         for sl in _chunks(n, cfg.rollout.micro_batch):
             videos = decode_window(world.io.decoder, out.history, out.latents[sl], owner[sl], st.decode_warmup)
+            first_videos = videos if first_videos is None else first_videos
             pending.append(WindowScore([(world.scorer.submit(videos[:, a:b], [prompt] * videos.shape[0]), b - a)
                                         for a, b, prompt in parts]))
         latents.append(out.latents)
@@ -375,7 +376,7 @@ def streaming_rollout_phase(world: World, plan: list[dist.Sample]) -> Batch:
         latents=torch.cat(latents), text=torch.cat(texts), seeds=seeds, prompts=lines,
         prompt_ids=torch.tensor([s.prompt_id for s in plan], device=device),
         global_index=torch.tensor([s.global_index for s in plan], device=device),
-        pending=pending, first_videos=None, windows=windows,
+        pending=pending, first_videos=first_videos, windows=windows,
     )
 
 
