@@ -132,7 +132,8 @@ def test_text_alignment_prefers_the_prompted_colour_and_shape(clean):
 
 
 def test_toy_rewards_are_registered():
-    assert {"toy_quality", "toy_quality_hackable", "toy_motion", "toy_text", "toy_noise"} <= set(available_rewards())
+    assert {"toy_quality", "toy_quality_hackable", "toy_motion", "toy_text", "toy_noise", "toy_coherence"} <= set(
+        available_rewards())
     assert build_reward("toy_noise").monitor and not build_reward("toy_quality").monitor
 
 
@@ -358,3 +359,20 @@ def test_long_videos_extend_the_clip_world_bounce_wrap_and_switch():
     assert blue.flatten(1).any(1).all()
     with pytest.raises(ValueError, match="background stays"):
         render_long([[(0, p), (5, p.replace("stripes", "checks"))]], [0], 10)
+
+
+def test_coherence_holds_for_the_worlds_long_renders_and_falls_when_the_object_drifts():
+    from astrolabe_rl.toy.rewards import coherence
+    from astrolabe_rl.toy.world import render_long
+
+    p = "a large green square moving down slowly over checks"
+    steady = render_long([[(0, p)], [(0, p.replace("slowly", "quickly"))]], [1, 2], 36)
+    assert (coherence(steady) > 0.8).all()  # bounces included
+    recoloured = render_long([[(0, p), (18, p.replace("green", "magenta"))]], [1], 36)
+    assert coherence(recoloured)[0] < 0.1
+    faster = render_long([[(0, p), (18, p.replace("slowly", "quickly"))]], [1], 36)
+    assert coherence(faster)[0] < 0.3  # a speed it was not asked to change
+    lost = steady.clone()
+    lost[:, 27:] = lost[:, 27:, :, :1, :1]  # the last window shows only the background's corner colour
+    assert (coherence(lost) == 0).all()
+    assert coherence(steady[:, :9]).tolist() == [1.0, 1.0]  # one window: nothing to drift from

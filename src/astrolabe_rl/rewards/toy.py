@@ -1,6 +1,6 @@
 """The toy world's rewards in the registry: ``toy_quality`` (honest: the world's renders are its ceiling),
 ``toy_quality_hackable`` (fooled by noise, for the hacking benchmarks), ``toy_motion``, ``toy_text`` and the
-``toy_noise`` monitor of the hack (definitions and rationale in `astrolabe_rl.toy.rewards`), and ``toy_oracle``, the
+``toy_noise`` monitor of the hack, ``toy_coherence`` for long videos (definitions and rationale in `astrolabe_rl.toy.rewards`), and ``toy_oracle``, the
 judge no run trains on (`astrolabe_rl.toy.oracle`; list it under ``eval.monitors``)."""
 
 from __future__ import annotations
@@ -49,3 +49,10 @@ def _oracle(monitor: bool = True) -> Reward:
 def _noise(monitor: bool = True) -> Reward:
     return FunctionReward(name="toy_noise", fn=toy.noise_level, needs=frozenset({"video"}), scale=(0.0, 0.1),
                           monitor=monitor)
+
+
+@register_reward("toy_coherence")
+def _coherence(window: int = 9, monitor: bool = True) -> Reward:
+    """Long videos: the object keeps its colour, size and speed across windows of ``window`` frames."""
+    return FunctionReward(name="toy_coherence", fn=lambda videos, prompts: toy.coherence(videos, window),
+                          needs=frozenset({"video"}), scale=(0.0, 1.0), monitor=monitor)

@@ -17,6 +17,8 @@ Every function maps videos ``[B, T, 3, H, W]`` in [0, 1] (H = W = 32, the world'
 |                     |                 | (direction and speed); jitter and frames where the object vanishes cost    |
 | toy_text            | text alignment  | ½·colour match (mean object colour vs the prompt's) + ½·shape match        |
 |                     |                 | (softmax over the IoUs of every shape × size template at the centroid)     |
+| toy_coherence       | long videos     | the object keeps its colour, size and speed across the video's windows:   |
+|                     |                 | exp(−Σ largest drift from the first window / tolerance), 0 when it is lost |
 | toy_noise           | hack monitor    | robust pixel-noise estimate on the background (median |Laplacian|); the    |
 |                     |                 | world's own renders score ≈ 0.01; a model that buys sharpness with noise   |
 |                     |                 | drives it up                                                               |
@@ -209,3 +211,38 @@ def text_alignment(videos: Tensor, prompts: list[str]) -> Tensor:
     colour = torch.exp(-(mean_rgb - target).square().sum(-1) / (2 * COLOUR_TOL**2))
     colour = torch.where(mask.sum(dim=(1, 2, 3)) > 1.0, colour, torch.zeros_like(colour))
     return 0.5 * colour + 0.5 * shape_probability(mask, prompts)
+
+
+COHERENCE_TOLS = (0.1, 0.25, 0.5)  # colour (RGB distance), area (relative), speed (pixels per frame)
+
+
+def coherence(videos: Tensor, window: int = WORLD.frames) -> Tensor:
+    """Long-range coherence of one-scene long videos ``[B, T, 3, H, W]``: ``[B]`` in [0, 1].
+
+    The video is cut into windows of ``window`` frames (a last partial one is dropped). Per window: the object's
+    mean core colour (mask > 0.9), its mean area (mask mass) and its median speed (centroid step length, which a
+    bounce off a border keeps). The score is ``exp(−(d_colour/0.1 + d_area/0.25 + d_speed/0.5))``, with each d the
+    largest drift of a later window from the first (area relative to the first window's). A window where the object
+    is missing scores 0. A video of one window scores 1. Prompt-free: the world's own long renders score ≈ 1 on every
+    boundary. A scheduled video (a colour change) is scored scene by scene.
+    """
+    if videos.dim() != 5 or videos.shape[2] != 3:
+        raise ValueError(f"coherence takes videos [B, T, 3, H, W]; got {tuple(videos.shape)}")
+    n = videos.shape[1] // window
+    if n < 2:
+        return torch.ones(videos.shape[0])
+    v = videos[:, : n * window].float()
+    mask = object_mask(v)
+    mass, centre = _centroids(mask)
+    core = (mask > 0.9).float()[:, :, None]
+    colour = (v * core).unflatten(1, (n, window)).sum(dim=(2, 4, 5)) / core.unflatten(1, (n, window)).sum(
+        dim=(2, 4, 5)).clamp_min(1)  # [B, n, 3]
+    area = mass.unflatten(1, (n, window)).mean(-1)  # [B, n]
+    steps = (centre[:, 1:] - centre[:, :-1]).norm(dim=-1)  # [B, T-1]
+    steps = torch.cat([steps, steps[:, -1:]], dim=1).unflatten(1, (n, window))[..., :-1]  # within-window steps
+    speed = steps.median(dim=-1).values  # [B, n]
+    present = (mass.unflatten(1, (n, window)) > 0.3 * area[:, :1, None]).all(-1)  # every frame shows the object
+    drift = ((colour[:, 1:] - colour[:, :1]).norm(dim=-1).amax(1) / COHERENCE_TOLS[0]
+             + ((area[:, 1:] - area[:, :1]).abs() / area[:, :1].clamp_min(1)).amax(1) / COHERENCE_TOLS[1]
+             + (speed[:, 1:] - speed[:, :1]).abs().amax(1) / COHERENCE_TOLS[2])
+    return torch.where(present.all(1), torch.exp(-drift), torch.zeros_like(drift))
