@@ -21,7 +21,6 @@ from astrolabe_rl.algo.regularize import (
     uncertainty,
     win_rates,
 )
-from astrolabe_rl.config import load_config
 from astrolabe_rl.train import recipe
 from astrolabe_rl.train.dist import shutdown
 
