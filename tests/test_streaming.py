@@ -132,7 +132,8 @@ def test_streaming_run_trains_the_window_and_resumes_bit_identically(tmp_path, _
     world.logger.close()
     assert batch.latents.shape[1] == 6 and {w.start for w in batch.windows} <= {3, 6}
     assert all(w.history.shape[:2] == (1, w.start) for w in batch.windows)  # one history per prompt
-    full, _ = crash_and_resume(tmp_path, _streaming_cfg, "streaming.per=prompt", epochs=3, crash_at=1)
+    full, _ = crash_and_resume(tmp_path, _streaming_cfg, "streaming.per=prompt", "streaming.history_kv=old",
+                               epochs=3, crash_at=1)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in _params(full, "default").items() if "lora_B" in k)
 
 @pytest.mark.parametrize("overrides, field", [

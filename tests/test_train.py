@@ -191,7 +191,7 @@ def test_a_failing_reward_marks_its_samples(tmp_path, policy):
         adv = recipe.advantage_phase(world, batch, scores)
         assert torch.all(adv.r[red] == 0.5)
         assert torch.equal(adv.keep, ~red if policy == "drop" else torch.ones_like(red))
-        kl_mask, _ = recipe.regularize_phase(world, batch, scores)
+        kl_mask, _ = recipe.regularize_phase(world, adv)
         stepped, _ = recipe.update_phase(world, batch, adv, kl_mask, 0)  # the update runs with the failed samples handled
         assert stepped
     world.logger.close()

@@ -237,7 +237,8 @@ _POSITIVE = (
 )
 
 # Periods and counts where 0 has a meaning (see each field's doc) but a negative value has none.
-_NON_NEGATIVE = ("eval.every", "checkpoint.every", "eval.videos", "train.weight_decay")
+_NON_NEGATIVE = ("eval.every", "checkpoint.every", "eval.videos", "train.weight_decay", "streaming.boundary_weight",
+                 "streaming.decode_warmup")
 
 # Values that are shares or probabilities: key -> (low, high, whether high itself is allowed).
 _UNIT_INTERVAL = {
@@ -480,10 +481,6 @@ def _validate_streaming(cfg: Config) -> None:
     if not 0 <= st.overlap < st.window:
         raise ValueError(f"streaming.overlap={st.overlap} must lie in [0, streaming.window={st.window}): the overlap "
                          "is the part of a window that the previous one already generated")
-    if st.boundary_weight < 0:
-        raise ValueError(f"streaming.boundary_weight must be >= 0, got {st.boundary_weight}")
-    if st.decode_warmup < 0:
-        raise ValueError(f"streaming.decode_warmup must be >= 0 (0 = the whole history), got {st.decode_warmup}")
     if st.start == "choices":
         if not st.choices:
             raise ValueError("streaming.choices is empty: give window starts, e.g. [21], or another streaming.start")
@@ -497,13 +494,14 @@ def _validate_streaming(cfg: Config) -> None:
     from astrolabe_rl.models.families import FAMILIES
 
     if cfg.model.family in FAMILIES:
+        sampler = FAMILIES[cfg.model.family].sampler
         try:
-            starts = {s for s, _ in FAMILIES[cfg.model.family].sampler.block_bounds(st.video_frames)}
+            starts = {s for s, _ in sampler.block_bounds(st.video_frames)}
         except ValueError as e:
             raise ValueError(f"streaming.video_frames={st.video_frames}: {e}") from None
-        if st.overlap % FAMILIES[cfg.model.family].sampler.frames_per_block:
-            raise ValueError(f"streaming.overlap={st.overlap} must be whole blocks of "
-                             f"{FAMILIES[cfg.model.family].sampler.frames_per_block} latent frames")
+        if st.overlap % sampler.frames_per_block:
+            raise ValueError(f"streaming.overlap={st.overlap} must be whole blocks of {sampler.frames_per_block} "
+                             "latent frames")
         bad = [c for c in (st.choices if st.start == "choices" else []) if c not in starts]
         if bad or (st.video_frames - st.window) not in starts:
             raise ValueError(f"streaming window starts must be block starts of the {cfg.model.family} sampler "

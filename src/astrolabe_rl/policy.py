@@ -116,6 +116,9 @@ class Policy:
     ) -> None:
         from peft import LoraConfig, get_peft_model
 
+        clash = {"default", "old", "base", "ema"} & set(extra_adapters)
+        if clash:  # checked before peft injects anything into the model
+            raise ValueError(f"extra adapter names {sorted(clash)} are reserved; choose other names")
         for p in model.parameters():
             p.requires_grad_(False)
         self.target_names = lora_target_names(model, targets)
@@ -126,9 +129,6 @@ class Policy:
                 torch.manual_seed(seed)
             self.peft = get_peft_model(model, self.lora_config, adapter_name="default")
             self.peft.add_adapter("old", self.lora_config)
-        clash = {"default", "old", "base", "ema"} & set(extra_adapters)
-        if clash:
-            raise ValueError(f"extra adapter names {sorted(clash)} are reserved; choose other names")
         for name in extra_adapters:
             self.peft.add_adapter(name, self.lora_config)
         self.extra_adapters = tuple(extra_adapters)

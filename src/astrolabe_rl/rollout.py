@@ -143,7 +143,7 @@ def rollout(
     if history is not None:
         clean.data[:, :h_frames] = _expand(history.to(device, dtype), candidates, b, "history")
         hist_bounds = sampler.block_bounds(h_frames) if h_frames else []
-        _commit(model, cache, clean, hist_bounds, sampler, noise)
+        commit_blocks(model, cache, clean, hist_bounds, sampler, noise)
         committed += hist_bounds
 
     traces = _generate(model, cache, clean, gen_bounds, committed, sampler, noise,
@@ -195,7 +195,7 @@ def _generate(
             if k < len(steps) - 1:
                 x = renoise(x0, sigma_of(steps[k + 1]), noise.draw(tuple(x.shape[1:]), x.dtype))
         clean[s, e] = x0
-        _commit(model, cache, clean, [(s, e)], sampler, noise)
+        commit_blocks(model, cache, clean, [(s, e)], sampler, noise)
         committed.append((s, e))
         if record:
             traces.append(BlockTrace(s, e, steps, torch.stack(inputs, dim=1)))
@@ -282,14 +282,15 @@ def rollout_window(
     # frames with a rolling cache, all of them with a global one
     tail = min(start, sampler.cache.window_frames) if sampler.cache.rolling else start
     owner = torch.arange(p, device=device).repeat_interleave(candidates)  # sample -> its prompt's history
+    window_text = {sw.frame: _expand(sw.text.to(device), candidates, b, "switch text") for sw in switches
+                   if sw.frame >= start}
     latents, traces = [], []
     for i in range(0, b, micro_batch or b):
         chunk = owner[i : i + (micro_batch or b)]
         clean = Frames(torch.empty(len(chunk), tail + window, c, hh, ww, dtype=dtype, device=device),
                        origin=start - tail)
         clean.data[:, :tail] = history.data[chunk, start - tail :]
-        in_window = {sw.frame: sw.text.to(device)[chunk] if sw.text.shape[0] == p else sw.text.to(device)[i : i + len(chunk)]
-                     for sw in switches if sw.frame >= start}
+        in_window = {f: x[i : i + len(chunk)] for f, x in window_text.items()}
         traces.append(_generate(model, cache.take(chunk), clean, [be for be in bounds if be[0] >= start],
                                 list(committed), sampler, NoiseSource(seeds[i : i + len(chunk)], device), in_window,
                                 record))
@@ -298,7 +299,7 @@ def rollout_window(
     return WindowRollout(history.data, torch.cat(latents), start, list(seeds), merged if record else None)
 
 
-def _commit(
+def commit_blocks(
     model: CausalWan,
     cache: KVCache,
     clean: Frames,
@@ -306,7 +307,9 @@ def _commit(
     sampler: SamplerConfig,
     noise: NoiseSource,
 ) -> None:
-    """Commit consecutive blocks of ``clean`` in one call, at the context timestep (noised to it if > 0)."""
+    """Commit consecutive blocks ``bounds`` (absolute latent frames) of ``clean`` in one call, at the context timestep
+    (noised to it if > 0, with ``noise``): what sampling does after each block, and what streaming's training passes
+    do with the history and the window's clean blocks."""
     if not bounds:
         return
     s, e = bounds[0][0], bounds[-1][1]
@@ -354,6 +357,6 @@ def _recache(
     else:  # older frames would be evicted at once and are outside every later block's window
         first = max(end - policy.window_frames + (policy.sink_frames if keep_sink else 0), cache.next_frame)
     if sampler.recache_mask == "bidirectional":
-        _commit(model, cache, clean, [(first, end)], sampler, noise)
+        commit_blocks(model, cache, clean, [(first, end)], sampler, noise)
     else:
-        _commit(model, cache, clean, [(s, e) for s, e in committed if s >= first], sampler, noise)
+        commit_blocks(model, cache, clean, [(s, e) for s, e in committed if s >= first], sampler, noise)

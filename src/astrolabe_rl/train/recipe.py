@@ -446,6 +446,9 @@ class Advantages:
     total: Tensor  # [n] combined reward
     norm: dict[str, Tensor]  # [n] per reward, the values actually summed
     metrics: dict[str, float]
+    scores: dict[str, Tensor]  # [N] every reward raw, the whole epoch (every rank)
+    groups: Tensor  # [N] prompt ids, the whole epoch
+    mine: Tensor  # [N] bool: this rank's samples, in its own order
 
 
 def advantage_phase(world: World, batch: Batch, scores: dict[str, Tensor]) -> Advantages:
@@ -475,27 +478,25 @@ def advantage_phase(world: World, batch: Batch, scores: dict[str, Tensor]) -> Ad
         metrics[f"reward/{name}/raw"] = _nanmean(all_scores[name])
         metrics[f"reward/{name}/norm"] = _nanmean(norm[name])
     keep = ~failed[mine] if cfg.rewards.on_error == "drop" else torch.ones_like(failed[mine])
-    return Advantages(r[mine], keep, ~failed, adv[mine], total[mine], {k: v[mine] for k, v in norm.items()}, metrics)
+    return Advantages(r[mine], keep, ~failed, adv[mine], total[mine], {k: v[mine] for k, v in norm.items()}, metrics,
+                      all_scores, groups, mine)
 
 
-def regularize_phase(world: World, batch: Batch, scores: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+def regularize_phase(world: World, adv: Advantages) -> tuple[Tensor, dict[str, float]]:
     """Which of this rank's samples the KL covers, ``[n]`` bool: every one (``regularize.mode=uniform``), or the
-    selective set (`algo.regularize`): U from the main and auxiliary rewards over the epoch's gathered samples, ρ
-    adapted on this epoch's mean disagreement, then the top ρ of U ≥ 0."""
+    selective set (`algo.regularize`): U from the main and auxiliary rewards over the epoch's samples (gathered by
+    `advantage_phase`), ρ adapted on this epoch's mean disagreement, then the top ρ of U ≥ 0."""
     reg, rcfg = world.reg, world.cfg.regularize
-    n = batch.latents.shape[0]
     if rcfg.mode == "uniform":
-        return torch.ones(n, dtype=torch.bool, device=batch.latents.device), {}
-    gather = lambda x: dist.all_gather_cat(world.ctx, x)  # noqa: E731
-    u = uncertainty(gather(scores[rcfg.main].float()), [gather(scores[a].float()) for a in rcfg.auxiliary],
-                    sign=rcfg.sign, measure=rcfg.measure, group_ids=gather(batch.prompt_ids))
+        return torch.ones_like(adv.r, dtype=torch.bool), {}
+    u = uncertainty(adv.scores[rcfg.main], [adv.scores[a] for a in rcfg.auxiliary], sign=rcfg.sign,
+                    measure=rcfg.measure, group_ids=adv.groups)
     mean_pos = mean_non_negative(u)
     reg.rho, reg.buffer = adapt_rho(reg.rho, mean_pos, reg.buffer, rcfg.rho_min, rcfg.rho_max, rcfg.rho_buffer)
     mask, tau = select(u, reg.rho)
-    mine = torch.isin(gather(batch.global_index), batch.global_index)  # as in `advantage_phase`
     metrics = {"reg/kl_frac": float(mask.float().mean()), "reg/rho": reg.rho, "reg/tau": tau,
                "reg/u_pos_mean": mean_pos, "reg/u_pos_frac": float((u >= 0).float().mean())}
-    return mask[mine], metrics
+    return mask[adv.mine], metrics
 
 
 def reference_phase(world: World) -> dict[str, float]:
@@ -622,12 +623,13 @@ def update_phase(world: World, batch: Batch, adv: Advantages, kl_mask: Tensor,
         for w in batch.windows for sl in _chunks(w.rows.stop - w.rows.start, cfg.rollout.micro_batch)]
     sums: dict[str, Tensor | float] = {}
     selected = torch.zeros(2, dtype=torch.float64, device=batch.latents.device)  # Σ KL over selected, count
+    old_history: dict[str, Any] = {}  # streaming, history_kv=old: θ_old's history cache of the current window
     order = batch.global_index.tolist()  # one host read per epoch, not per micro-step
     for i, sl in enumerate(chunks):
         g = torch.Generator().manual_seed(dist.mix_seed(cfg.train.seed, "sigma", epoch, order[sl][0]))
         sigma = _train_sigmas(world, g)
         seeds = [dist.mix_seed(cfg.train.seed, "train-noise", epoch, j) for j in order[sl]]
-        window = _window_passes(world, batch, sl)
+        window = _window_passes(world, batch, sl, old_history)
         lead = 0 if window is None or window.overlap is None else window.overlap.shape[1]
         noise = _sample_noise(batch.latents[sl].new_empty(sl.stop - sl.start, lead + batch.latents.shape[1],
                                                           *batch.latents.shape[2:]), seeds)
@@ -661,9 +663,10 @@ def update_phase(world: World, batch: Batch, adv: Advantages, kl_mask: Tensor,
     return stepped, metrics
 
 
-def _window_passes(world: World, batch: Batch, rows: slice) -> WindowPasses | None:
+def _window_passes(world: World, batch: Batch, rows: slice, memo: dict[str, Any]) -> WindowPasses | None:
     """Streaming: the history of the micro-batch ``rows`` (one prompt's window) as each pass will see it; with
-    ``streaming.history_kv=old`` θ_old's commit of it, made once here and shared by the three passes."""
+    ``streaming.history_kv=old`` θ_old's commit of it, shared by the three passes and made once per window (θ_old
+    does not move during the update): ``memo`` keeps the last window's, the micro-batches of a window being adjacent."""
     if batch.windows is None:
         return None
     w = next(w for w in batch.windows if w.rows.start <= rows.start < w.rows.stop)
@@ -673,10 +676,12 @@ def _window_passes(world: World, batch: Batch, rows: slice) -> WindowPasses | No
                           seeds=[w.seed], switches=w.switches,
                           overlap=w.history[:, w.start - lead :] if lead else None, boundary_weight=st.boundary_weight)
     if world.cfg.streaming.history_kv == "old":
-        with world.policy.use("old") as model:
-            shared = commit_history(model, passes.history, batch.text[rows.start : rows.start + 1], world.sampler,
-                                    world.family.latent_hw, passes.seeds, lead + batch.latents.shape[1], w.switches)
-        passes.shared = shared.take(torch.zeros(rows.stop - rows.start, dtype=torch.long))
+        if memo.get("window") is not w:
+            with world.policy.use("old") as model:
+                memo.update(window=w, cache=commit_history(
+                    model, passes.history, batch.text[rows.start : rows.start + 1], world.sampler,
+                    world.family.latent_hw, passes.seeds, lead + batch.latents.shape[1], w.switches))
+        passes.shared = memo["cache"].take(torch.zeros(rows.stop - rows.start, dtype=torch.long))
     return passes
 
 
@@ -825,7 +830,7 @@ def run_epoch(world: World) -> dict[str, float]:
     check_rewards(world, failures, epoch)
     t2 = time.perf_counter()
     adv = advantage_phase(world, batch, scores)
-    kl_mask, selection = regularize_phase(world, batch, scores)
+    kl_mask, selection = regularize_phase(world, adv)
     stepped, metrics = update_phase(world, batch, adv, kl_mask, epoch)
     world.reg.last_kl = metrics.get("reg/kl_selected")
     if stepped:

@@ -32,9 +32,8 @@ from astrolabe_rl.config import StreamingConfig
 from astrolabe_rl.models.build import Decoder
 from astrolabe_rl.models.families import SamplerConfig
 from astrolabe_rl.models.kv_cache import KVCache
-from astrolabe_rl.models.schedule import renoise, sigma_of
 from astrolabe_rl.models.wan import CausalWan
-from astrolabe_rl.rollout import Frames, NoiseSource, switch_prompt
+from astrolabe_rl.rollout import Frames, NoiseSource, commit_blocks, switch_prompt
 
 
 def window_start(cfg: StreamingConfig, sampler: SamplerConfig, seed: int) -> int:
@@ -122,10 +121,13 @@ class WindowPasses:
         # the prompt of each block, encoded with gradient (the cache's copy was made under no_grad)
         active = max([0, *(f for f in self.switches if f <= self.start)])
         texts = {f: self.switches[f].expand(b, -1, -1) for f in self.switches if active <= f < self.start + w}
-        texts[active] = text if active == 0 else texts[active]
+        if active == 0:  # no switch before the window: it opens on the video's first prompt
+            texts[0] = text
         text_kv = {f: model.encode_text(x) for f, x in texts.items()}
         inside = {f: x for f, x in texts.items() if f > self.start}  # switches inside the window: re-cache there
-        frames = Frames(torch.cat([self.history.expand(b, -1, -1, -1, -1), x0.detach()], dim=1)) if inside else None
+        # a re-cache re-encodes committed frames, history and window alike; without one the window alone is read
+        frames = (Frames(torch.cat([self.history.expand(b, -1, -1, -1, -1), x0.detach()], dim=1)) if inside
+                  else Frames(x0.detach(), origin=self.start))
         committed = self.sampler.block_bounds(self.start) if self.start else []
         out = []
         for s, e in bounds:
@@ -134,7 +136,7 @@ class WindowPasses:
             active = s if s in text_kv else active
             out.append(model.denoise(cache, x_t[:, s - self.start : e - self.start], t, start_frame=s,
                                      text=text_kv[active]))
-            _commit_clean(model, cache, x0[:, s - self.start : e - self.start], s, self.sampler, noise)
+            commit_blocks(model, cache, frames, [(s, e)], self.sampler, noise)
             committed.append((s, e))
         return torch.cat(out, dim=1)
 
@@ -154,15 +156,6 @@ def commit_history(model: CausalWan, history: Tensor, text: Tensor, sampler: Sam
     texts = {f: x.expand(b, -1, -1) for f, x in (switches or {}).items() if f < s}
     for bs, be in sampler.block_bounds(s) if s else []:
         switch_prompt(model, cache, frames, bs, committed, sampler, noise, texts)
-        _commit_clean(model, cache, history[:, bs:be], bs, sampler, noise)
+        commit_blocks(model, cache, frames, [(bs, be)], sampler, noise)
         committed.append((bs, be))
     return cache
-
-
-def _commit_clean(model: CausalWan, cache: KVCache, x0: Tensor, start: int, sampler: SamplerConfig,
-                  noise: NoiseSource) -> None:
-    """Commit one clean block at the family's context timestep (noised to it when that is > 0, as sampling does)."""
-    t_ctx = sampler.steps.context_timestep
-    if t_ctx > 0:
-        x0 = renoise(x0, sigma_of(t_ctx), noise.draw(tuple(x0.shape[1:]), x0.dtype))
-    model.commit(cache, x0, start_frame=start, t=t_ctx)
