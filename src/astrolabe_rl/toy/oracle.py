@@ -33,13 +33,31 @@ Scores (`oracle_scores`), every one ``[B]``:
 | render                   | exp(−residual / `RESIDUAL_SCALE`) in (0, 1]                                       |
 | oracle                   | ½·agreement + ½·render: the headline; the world's own renders score 0.96–0.99    |
 
+Windows of long videos (`window_scores`, every score ``[B, n]``, one column per window of `WORLD.frames`): each
+window is fitted with ``fit_video(..., bounce=True)``: the object may start anywhere and bounce off the borders
+like `world.render_long`'s, so its path is the `fold` of a line into the centre's range ``[r + 1, size − r − 1]``;
+the velocity is the signed grammar velocity whose folded path from the first centroid fits the centroids best, and
+the start is searched along the folded path. The names are those above, and mean the same except:
+
+| name                     | in a window                                                                      |
+|--------------------------|----------------------------------------------------------------------------------|
+| direction                | 1 where the fitted velocity lies on the prompt's axis (horizontal for left and   |
+|                          | right, vertical for up and down), either sign: the bounces so far set the sign   |
+| position                 | 1 where the fitted path's across-motion coordinate stays within                  |
+|                          | ±(JITTER_ACROSS + `POSITION_TOL`) of the frame's centre line in every frame: the |
+|                          | object must not drift sideways; along the motion it may be anywhere              |
+
+The world's own long renders score agreement 1 in every window and render 0.92–0.99, as their clips do.
+
 "oracle gap closed" = (after − base) / (renders − base), with ``renders = oracle_scores(world.render(...))``
 on the same prompts (`render_ceiling`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -139,10 +157,67 @@ def _line_fit(centre: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
     return cm - tm * v, v
 
 
-def _object_layer(shape: int, radius: float, c0: Tensor, vel: Tensor, frames: int, size: int) -> Tensor:
-    """Coverage ``[T, H, W]`` of a shape moving from ``c0`` at ``vel`` (pixels, pixels/frame)."""
+def fold(x: Tensor, lo: Tensor | float, hi: Tensor | float) -> Tensor:
+    """Reflect unfolded coordinates ``x`` into ``[lo, hi]``: the bounce of `world.render_long`, elementwise.
+
+    A triangle wave of period ``2·(hi − lo)``: ``x`` is kept on ``[lo, hi]``, mirrored on ``[hi, 2·hi − lo]``, and
+    so on periodically.
+    For a linear unfolded path ``x_t = c + t·v`` starting inside ``[lo, hi]`` (and ``|v| < hi − lo``) this is the
+    position render_long reaches by stepping ``pos += v`` and reflecting ``pos = 2·bound − pos`` (flipping v) each
+    time it leaves the interval. ``x`` any shape; ``lo``, ``hi`` floats or tensors broadcastable to it, ``lo < hi``.
+    """
+    span = hi - lo
+    return lo + span - (torch.remainder(x - lo, 2 * span) - span).abs()
+
+
+def _fold_sign(x: Tensor, lo: Tensor | float, hi: Tensor | float) -> Tensor:
+    """The slope of `fold` at ``x`` (same shape): +1 on its rising branches (``x − lo`` mod ``2·(hi − lo)`` at most
+    ``hi − lo``, so an object just arriving at ``hi`` still moves up, as in render_long), −1 on the falling ones."""
+    span = hi - lo
+    return torch.where(torch.remainder(x - lo, 2 * span) <= span, 1.0, -1.0).to(x.dtype)
+
+
+def _path(start: Tensor, vel: Tensor, frames: int, lo: Tensor | float, hi: Tensor | float, bounce: bool) -> Tensor:
+    """Centres ``[..., T, 2]`` of an object starting at ``start [..., 2]`` with velocity ``vel [2]`` (float64):
+    the line ``start + t·vel`` or, with ``bounce``, its `fold` into ``[lo, hi]`` (broadcastable to ``[..., 1, 1]``)."""
     t = torch.arange(frames, dtype=torch.float64)
-    centres = c0.double()[None] + t[:, None] * vel.double()[None]
+    line = start.double()[..., None, :] + t[:, None] * vel.double()
+    return fold(line, lo, hi) if bounce else line
+
+
+def _bounce_fit(centre: Tensor, present: Tensor, lo: Tensor, hi: Tensor) -> tuple[int, Tensor]:
+    """The motion of a bouncing object from its centroids ``centre [T, 2]`` over the ``present [T]`` frames.
+
+    Velocity: every signed grammar velocity v is tried from the first present frame f (centroid c_f) with every
+    class's bounds ``lo, hi [K]``, along the folded path ``fold(c_f + (t − f)·v, lo, hi)``; the v whose best path
+    has the least squared centroid error wins. Starts: per class, each present centroid is unfolded onto the branch
+    of the fold that path takes there (a reflection is its own inverse) and moved back by t·v; the mean over the
+    present frames is the unfolded start (for a line, `fit_video`'s mean of ``c_t − t·v``).
+    Returns v's index in `_VELOCITIES` and the starts ``[K, 2]`` (float64); without a present frame the first
+    velocity and the frame's centre.
+    """
+    frames, k = centre.shape[0], lo.shape[0]
+    if not bool(present.any()):
+        return 0, torch.full((k, 2), WORLD.size / 2, dtype=torch.float64)
+    f = int(present.double().argmax())
+    c, w = centre.double(), present.double()
+    vels = torch.tensor([v for _, _, v in _VELOCITIES], dtype=torch.float64)  # [V, 2]
+    t = torch.arange(frames, dtype=torch.float64)[:, None]  # [T, 1]
+    lo, hi = lo[:, None, None, None], hi[:, None, None, None]  # [K, 1, 1, 1]
+    paths = fold(c[f] + (t - f) * vels[:, None], lo, hi)  # [K, V, T, 2]
+    err = ((paths - c).square().sum(-1) * w).sum(-1)  # [K, V]
+    j = int(err.min(dim=0).values.argmin())
+    line = c[f] + (t - f) * vels[j]  # [T, 2]: the unfolded path through c_f
+    lo, span = lo[:, 0], (hi - lo)[:, 0]  # [K, 1, 1]
+    turns = torch.floor((line - lo) / (2 * span))  # [K, T, 2]: whole periods before frame t
+    falling = line - lo - 2 * span * turns > span
+    unfolded = torch.where(falling, 2 * lo + 2 * span * (turns + 1) - c, c + 2 * span * turns)
+    return j, ((unfolded - t * vels[j]) * w[:, None]).sum(1) / w.sum()
+
+
+def _object_layer(shape: int, radius: float, centres: Tensor, size: int) -> Tensor:
+    """Coverage ``[T, H, W]`` of a shape of ``radius`` at ``centres [T, 2]`` (pixels)."""
+    frames = centres.shape[0]
     return shape_alpha(torch.full((frames,), shape), centres, torch.full((frames,), radius, dtype=torch.float64),
                        size).float()
 
@@ -155,11 +230,61 @@ def _compose(alpha: Tensor, rgb: Tensor, bg: Tensor) -> Tensor:
     return torch.round(video * world.QUANT) / world.QUANT
 
 
-def fit_video(video: Tensor) -> dict:
+_CROP = 20  # pixels: a bouncing window's search box per frame, the largest object (7.7 px from its centre) ± the
+# search's reach (1.2 px) with a pixel to spare
+
+
+def _crops(guide: Tensor, video: Tensor, bg_fit: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per class and frame, a `_CROP`² box around the guide centres ``guide [K, T, 2]`` (kept inside the frame).
+
+    ``video [T, 3, H, W]``; ``bg_fit [3, H, W]``: the fitted background. Returns the boxes' corners ``[K, T, 2]``
+    (x, y; long), the video's and the background's crops ``[K, T, 3, S, S]``, and per class the squared error of the
+    render without the object outside the boxes ``[K]`` (float64), which every candidate near the guide shares:
+    adding it makes the crop errors of different classes comparable.
+    """
+    frames, _, _, size = video.shape
+    corner = (torch.floor(guide) - (_CROP // 2 - 1)).clamp(0, size - _CROP).long()
+    span = torch.arange(_CROP)
+    rows = (corner[..., 1, None] + span)[..., :, None]  # [K, T, S, 1]
+    cols = (corner[..., 0, None] + span)[..., None, :]  # [K, T, 1, S]
+    t = torch.arange(frames)[:, None, None]
+    cut = lambda x: x.permute(0, 2, 3, 1)[t, rows, cols].permute(0, 1, 4, 2, 3)  # noqa: E731  [T, 3, H, W] -> crops
+    bare = torch.round(bg_fit * world.QUANT) / world.QUANT  # what `_compose` draws where the object is not
+    sq = (bare - video).double().square()
+    outside = sq.sum() - cut(sq).sum(dim=(1, 2, 3, 4))
+    return corner, cut(video), cut(bg_fit.expand_as(video)), outside
+
+
+def _candidate_errors(shape_ids: Tensor, radii: Tensor, centres: Tensor, rgb: Tensor, bg_fit: Tensor, video: Tensor,
+                      crops: tuple[Tensor, Tensor, Tensor, Tensor] | None) -> Tensor:
+    """Mean squared error ``[K, N]`` of the render of each candidate path ``centres [K, N, T, 2]`` (class k's shape
+    and radius) against ``video [T, 3, H, W]``: over whole frames, or, with `_crops` of the same K classes, inside
+    the boxes plus the error outside them (equal up to rounding while every candidate stays inside its boxes)."""
+    k, n, frames = centres.shape[:3]
+    size = video.shape[-1]
+    ids, rad = shape_ids[:, None, None].expand(k, n, frames).flatten(), radii[:, None, None].expand(k, n, frames)
+    if crops is None:
+        alpha = shape_alpha(ids, centres.reshape(-1, 2), rad.flatten(), size).float().view(k, n, frames, size, size)
+        return (_compose(alpha, rgb, bg_fit) - video).square().mean(dim=(2, 3, 4, 5))
+    corner, video_crop, bg_crop, outside = crops
+    local = (centres - corner[:, None]).reshape(-1, 2)
+    alpha = shape_alpha(ids, local, rad.flatten(), _CROP).float().view(k, n, frames, _CROP, _CROP)
+    sq = (_compose(alpha, rgb, bg_crop[:, None]) - video_crop[:, None]).square().sum(dim=(2, 3, 4, 5))
+    return ((sq.double() + outside[:, None]) / video.numel()).float()
+
+
+def fit_video(video: Tensor, bounce: bool = False) -> dict:
     """Fit one video ``[T, 3, H, W]`` to the world's parameters; returns them and the best-fitting render.
 
     Keys: found (the object shows in ≥ 2 frames), colour, shape, size, direction, speed, background (grammar
-    words), start (x, y) ``[2]``, render ``[T, 3, H, W]`` and the RMS residuals (all, object, background).
+    words), start (x, y) ``[2]``, path (the fitted centres) ``[T, 2]``, render ``[T, 3, H, W]`` and the RMS
+    residuals (all, object, background).
+
+    ``bounce=False`` fits a clip of `world.render`: a straight path. ``bounce=True`` fits a window of
+    `world.render_long` (``boundary="bounce"``) that may start anywhere and bounce off the borders: a candidate
+    (start c, signed velocity v, class radius r) moves along ``fold(c + t·v, r + 1, size − r − 1)`` per axis; the
+    velocity is chosen by the centroids' error to that folded path, the start searched along it, and start,
+    direction and speed are the object's at the window's first frame (a bounce flips the sign later).
     """
     v = video.float().clamp(0, 1)
     frames, _, size, _ = v.shape
@@ -172,11 +297,18 @@ def fit_video(video: Tensor) -> dict:
     coords = torch.arange(size, dtype=torch.float32) + 0.5
     centre = torch.stack([(mask.sum(-2) * coords).sum(-1), (mask.sum(-1) * coords).sum(-1)], -1) / mass.clamp_min(
         1e-6)[:, None]
-    c0, slope = _line_fit(centre, present)
-    d, s, vel = min(_VELOCITIES, key=lambda c: (slope[0] - c[2][0]) ** 2 + (slope[1] - c[2][1]) ** 2)
-    vel = torch.tensor(vel, dtype=torch.float64)
-    c0 = (centre.double() - torch.arange(frames, dtype=torch.float64)[:, None] * vel)[present].mean(0) if bool(
-        present.any()) else c0
+    radii = torch.tensor([SIZES[sz] for _, sz in _CLASSES], dtype=torch.float64)
+    lo, hi = radii + 1, size - radii - 1  # [K]: each class's range of centres, where a bouncing object turns
+    if bounce:
+        j, starts = _bounce_fit(centre, present, lo, hi)
+        vel = torch.tensor(_VELOCITIES[j][2], dtype=torch.float64)
+    else:
+        c0, slope = _line_fit(centre, present)
+        d, s, vel = min(_VELOCITIES, key=lambda c: (slope[0] - c[2][0]) ** 2 + (slope[1] - c[2][1]) ** 2)
+        vel = torch.tensor(vel, dtype=torch.float64)
+        c0 = (centre.double() - torch.arange(frames, dtype=torch.float64)[:, None] * vel)[present].mean(0) if bool(
+            present.any()) else c0
+        starts = c0.double()[None].expand(len(_CLASSES), 2)
 
     core = (mask > 0.9)[:, None].expand_as(v)
     obj_rgb = v[core].view(-1).new_tensor(0.0)
@@ -194,36 +326,42 @@ def fit_video(video: Tensor) -> dict:
     bg = torch.nan_to_num(torch.nanmedian(bg_frames, dim=0).values, nan=0.0)  # [3, H, W]
     kind, bg_fit, _ = fit_background(bg, free.any(0))
 
-    # every (shape, size) class at once; the start is searched coarse-to-fine around the centroid line
+    # every (shape, size) class at once; the start is searched coarse-to-fine around the centroid path
     shape_ids = torch.tensor([SHAPES.index(sh) for sh, _ in _CLASSES])
-    radii = torch.tensor([SIZES[sz] for _, sz in _CLASSES], dtype=torch.float64)
-    starts = c0.double()[None].expand(len(_CLASSES), 2)
     steps = torch.arange(-2, 3, dtype=torch.float64)
     offsets = torch.stack(torch.meshgrid(steps, steps, indexing="ij"), -1).view(-1, 2)  # [25, 2]
-    t = torch.arange(frames, dtype=torch.float64)
     classes = torch.arange(len(_CLASSES))
+    # a bouncing window's object may be anywhere: its candidates are drawn in boxes around their class's first
+    # guess (2.5x faster); a clip keeps the whole-frame search, so clip fits are unchanged bit for bit
+    crops = None
+    if bounce:
+        crops = _crops(_path(starts, vel, frames, lo[:, None, None], hi[:, None, None], True), v, bg_fit)
     for stage, step in enumerate((0.4, 0.15, 0.05)):
         cands = starts[:, None] + step * offsets[None]  # [K, 25, 2]
-        k, n = cands.shape[:2]
-        centres = cands[:, :, None] + t[None, None, :, None] * vel  # [K, 25, T, 2]
-        alpha = shape_alpha(shape_ids[:, None, None].expand(k, n, frames).flatten(),
-                            centres.reshape(-1, 2), radii[:, None, None].expand(k, n, frames).flatten(),
-                            size).float().view(k, n, frames, size, size)
-        errs = (_compose(alpha, rgb, bg_fit) - v).square().mean(dim=(2, 3, 4, 5))  # [K, 25]
+        k = cands.shape[0]
+        centres = _path(cands, vel, frames, lo[:, None, None, None], hi[:, None, None, None], bounce)  # [K, 25, T, 2]
+        errs = _candidate_errors(shape_ids, radii, centres, rgb, bg_fit, v, crops)  # [K, 25]
         starts = cands[torch.arange(k), errs.argmin(dim=1)]
         if stage == 0:  # only the two best-fitting classes are refined
             keep = errs.min(dim=1).values.argsort()[:2]
             classes, shape_ids, radii, starts = classes[keep], shape_ids[keep], radii[keep], starts[keep]
+            lo, hi = lo[keep], hi[keep]
+            crops = tuple(x[keep] for x in crops) if crops is not None else None
     best = int(errs.min(dim=1).values.argmin())
     (shape_name, size_w), start = _CLASSES[int(classes[best])], starts[best]
     shape_i = SHAPES.index(shape_name)
-    alpha = _object_layer(shape_i, SIZES[size_w], start, vel, frames, size)
+    path = _path(start, vel, frames, lo[best], hi[best], bounce)  # [T, 2]
+    if bounce:  # the object's velocity and place at the window's first frame
+        vel = vel * _fold_sign(start, lo[best], hi[best])
+        d, s, _ = next(c for c in _VELOCITIES if c[2] == tuple(vel.tolist()))
+        start = path[0]
+    alpha = _object_layer(shape_i, SIZES[size_w], path, size)
     render = _compose(alpha, rgb, bg_fit)
     sq = (render - v).square()
     near_fit = (F.max_pool2d(alpha[:, None], 3, stride=1, padding=1)[:, 0] > 0.0)[:, None].expand_as(sq)
     return {
         "found": int(present.sum()) >= 2, "colour": colour, "shape": SHAPES[shape_i], "size": size_w, "direction": d, "speed": s,
-        "background": BACKGROUNDS[int(kind)], "start": start.float(), "render": render,
+        "background": BACKGROUNDS[int(kind)], "start": start.float(), "path": path.float(), "render": render,
         "residual": float(sq.mean().sqrt()),
         "residual_object": float(sq[near_fit].mean().sqrt()) if bool(near_fit.any()) else 0.0,
         "residual_background": float(sq[~near_fit].mean().sqrt()),
@@ -240,30 +378,81 @@ def _position_ok(start: Tensor, spec: world.Spec) -> bool:
     return True
 
 
+def _score_row(fit: dict, spec: world.Spec, direction: bool, position: bool) -> dict[str, float]:
+    """One video's scores (the module table) from its `fit_video` fit, given the direction and position verdicts."""
+    row = {a: float(fit[a] == getattr(spec, a) and (fit["found"] or a == "background"))
+           for a in ATTRIBUTES if a != "position"}
+    row["direction"] = float(fit["found"] and direction)
+    row["position"] = float(fit["found"] and position)
+    row["agreement"] = sum(row[a] for a in ATTRIBUTES) / len(ATTRIBUTES)
+    for key in ("residual", "residual_object", "residual_background"):
+        row[key] = fit[key]
+    row["render"] = math.exp(-fit["residual"] / RESIDUAL_SCALE)
+    row["oracle"] = 0.5 * row["agreement"] + 0.5 * row["render"]
+    return row
+
+
+def _check(videos: Tensor, prompts: list[str]) -> None:
+    if videos.dim() != 5 or videos.shape[2] != 3 or videos.shape[-2:] != (WORLD.size, WORLD.size):
+        raise ValueError(f"the oracle scores toy-world videos [B, T, 3, {WORLD.size}, {WORLD.size}]; "
+                         f"got {tuple(videos.shape)}")
+    if len(prompts) != videos.shape[0]:
+        raise ValueError(f"{len(prompts)} prompts for {videos.shape[0]} videos")
+
+
 def oracle_scores(videos: Tensor, prompts: list[str]) -> dict[str, Tensor]:
     """Fit every video ``[B, T, 3, H, W]`` (in [0, 1]) and score it against its prompt; see the module table.
 
     Returns name -> ``[B]`` float32 for each of `ATTRIBUTES`, ``agreement``, the three residuals, ``render``
     and the headline ``oracle``.
     """
-    if videos.dim() != 5 or videos.shape[2] != 3 or videos.shape[-2:] != (WORLD.size, WORLD.size):
-        raise ValueError(f"the oracle scores toy-world videos [B, T, 3, {WORLD.size}, {WORLD.size}]; "
-                         f"got {tuple(videos.shape)}")
-    if len(prompts) != videos.shape[0]:
-        raise ValueError(f"{len(prompts)} prompts for {videos.shape[0]} videos")
+    _check(videos, prompts)
     rows = []
     for video, prompt in zip(videos.detach().cpu(), prompts):
         spec, fit = world.parse_prompt(prompt), fit_video(video)
-        row = {a: float(fit[a] == getattr(spec, a) and (fit["found"] or a == "background"))
-               for a in ATTRIBUTES if a != "position"}
-        row["position"] = float(fit["found"] and _position_ok(fit["start"], spec))
-        row["agreement"] = sum(row[a] for a in ATTRIBUTES) / len(ATTRIBUTES)
-        for key in ("residual", "residual_object", "residual_background"):
-            row[key] = fit[key]
-        row["render"] = math.exp(-fit["residual"] / RESIDUAL_SCALE)
-        row["oracle"] = 0.5 * row["agreement"] + 0.5 * row["render"]
-        rows.append(row)
+        rows.append(_score_row(fit, spec, fit["direction"] == spec.direction, _position_ok(fit["start"], spec)))
     return {k: torch.tensor([r[k] for r in rows], dtype=torch.float32) for k in rows[0]}
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the oracle on one torch thread: its fits are many small tensor operations, which two threads on busy
+    cores slow down several-fold (16 long videos: 8 s on one thread, 60 s on two while training shares the CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def window_scores(videos: Tensor, prompts: list[str], window: int = WORLD.frames) -> dict[str, Tensor]:
+    """Score the windows of one-scene long videos ``[B, T, 3, H, W]`` (in [0, 1]) against their prompts.
+
+    The videos are cut into ``n = T // window`` windows (a last partial one is dropped), each fitted by
+    `fit_video` with ``bounce=True`` and scored as in `oracle_scores`, except ``direction`` (the fitted velocity
+    lies on the prompt's axis, either sign: bounces flip it) and ``position`` (the fitted path never leaves the
+    across-motion jitter band); see the module table. Returns the same names as `oracle_scores`, each ``[B, n]``
+    float32.
+    """
+    _check(videos, prompts)
+    if window < 2:
+        raise ValueError(f"window must be >= 2 frames (a velocity needs two); got {window}")
+    n = videos.shape[1] // window
+    if n == 0:
+        raise ValueError(f"videos of {videos.shape[1]} frames hold no whole window of {window} frames; "
+                         f"pass a smaller window or longer videos")
+    band = world.JITTER_ACROSS + POSITION_TOL
+    rows = []
+    for video, prompt in zip(videos.detach().cpu(), prompts):
+        spec = world.parse_prompt(prompt)
+        axis = 0 if spec.velocity[0] else 1  # the prompt's axis of motion; the other one must stay put
+        for k in range(n):
+            fit = fit_video(video[k * window:(k + 1) * window], bounce=True)
+            on_axis = DIRECTIONS[fit["direction"]][axis] != 0
+            in_band = bool(((fit["path"][:, 1 - axis] - WORLD.size / 2).abs() <= band).all())
+            rows.append(_score_row(fit, spec, on_axis, in_band))
+    return {key: torch.tensor([r[key] for r in rows], dtype=torch.float32).view(len(prompts), n) for key in rows[0]}
 
 
 def render_ceiling(prompts: list[str], seeds: list[int]) -> dict[str, Tensor]:

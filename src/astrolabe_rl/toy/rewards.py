@@ -15,6 +15,8 @@ Every function maps videos ``[B, T, 3, H, W]`` in [0, 1] (H = W = 32, the world'
 |                     |                 | score's blind spot; the world's renders score *below* the blurry base      |
 | toy_motion          | motion quality  | the object's per-frame centroid steps against the prompt's velocity        |
 |                     |                 | (direction and speed); jitter and frames where the object vanishes cost    |
+| toy_motion_long     | motion quality  | the same for windows of long videos, where the object bounces: each step   |
+|                     | (long videos)   | against the prompt's velocity of either sign on the prompt's axis          |
 | toy_text            | text alignment  | ½·colour match (mean object colour vs the prompt's) + ½·shape match        |
 |                     |                 | (softmax over the IoUs of every shape × size template at the centroid)     |
 | toy_coherence       | long videos     | the object keeps its colour, size and speed across the video's windows:   |
@@ -22,6 +24,10 @@ Every function maps videos ``[B, T, 3, H, W]`` in [0, 1] (H = W = 32, the world'
 | toy_noise           | hack monitor    | robust pixel-noise estimate on the background (median |Laplacian|); the    |
 |                     |                 | world's own renders score ≈ 0.01; a model that buys sharpness with noise   |
 |                     |                 | drives it up                                                               |
+
+One more metric, not a reward (a ratio, unbounded, and lower is better): `boundary_jump`, the seam of a video
+streamed window by window (the mean frame change across the window boundaries over the median change within them;
+≈ 1 without a seam).
 
 The object is found the way the world is built: it is the only saturated thing in the frame (the background is
 grey with a faint tint), so a soft chroma threshold is its mask.
@@ -155,13 +161,10 @@ def noise_level(videos: Tensor, prompts: list[str]) -> Tensor:
     return (torch.nan_to_num(med, nan=0.0) / (0.6745 * math.sqrt(20.0))).float()
 
 
-def motion(videos: Tensor, prompts: list[str]) -> Tensor:
-    """Motion quality ``exp(−mean_t e_t / (2·tol²))``: ``[B]`` in (0, 1].
-
-    e_t = ‖(c_{t+1} − c_t) − v‖², the squared error of the centroid step against the prompt's velocity v
-    (pixels per frame; direction and speed at once, so a frozen, reversed, slow or jittery object all lose);
-    a step where the object is missing from either frame costs `MISSING_STEP`.
-    """
+def _motion_score(videos: Tensor, prompts: list[str], either_sign: bool) -> Tensor:
+    """``exp(−mean_t e_t / (2·tol²))`` ``[B]`` with e_t the squared error of each centroid step against the
+    prompt's velocity v (``either_sign``: the smaller of the errors against v and −v); `MISSING_STEP` where the
+    object is missing from either frame of the step."""
     _check(videos, prompts)
     mask = object_mask(videos)
     mass, centre = _centroids(mask)
@@ -171,9 +174,62 @@ def motion(videos: Tensor, prompts: list[str]) -> Tensor:
     expected = _templates(shape_ids, radius, torch.full_like(centre, WORLD.size / 2), WORLD.size).sum(dim=(-2, -1))
     present = mass >= PRESENT * expected
     vel = torch.tensor([s.velocity for s in specs], dtype=torch.float32, device=videos.device)
-    err = ((centre[:, 1:] - centre[:, :-1]) - vel[:, None]).square().sum(-1)  # [B, T-1]
+    steps = centre[:, 1:] - centre[:, :-1]  # [B, T-1, 2]
+    err = (steps - vel[:, None]).square().sum(-1)  # [B, T-1]
+    if either_sign:
+        err = torch.minimum(err, (steps + vel[:, None]).square().sum(-1))
     err = torch.where(present[:, 1:] & present[:, :-1], err, torch.full_like(err, MISSING_STEP))
     return torch.exp(-err.mean(dim=1) / (2 * MOTION_TOL**2))
+
+
+def motion(videos: Tensor, prompts: list[str]) -> Tensor:
+    """Motion quality ``exp(−mean_t e_t / (2·tol²))``: ``[B]`` in (0, 1].
+
+    e_t = ‖(c_{t+1} − c_t) − v‖², the squared error of the centroid step against the prompt's velocity v
+    (pixels per frame; direction and speed at once, so a frozen, reversed, slow or jittery object all lose);
+    a step where the object is missing from either frame costs `MISSING_STEP`.
+    """
+    return _motion_score(videos, prompts, either_sign=False)
+
+
+def motion_long(videos: Tensor, prompts: list[str]) -> Tensor:
+    """Motion quality of windows of long, bouncing videos ``[B, T, 3, H, W]``: ``[B]`` in (0, 1].
+
+    As `motion`, but each step is held against the prompt's velocity v *or* its reverse −v (v lies on one axis,
+    so −v is v with the sign on the moving axis flipped): e_t = min(‖d_t − v‖², ‖d_t + v‖²) for the centroid step
+    d_t. In a long video the object bounces off the borders, so its direction at any time depends on the bounces so
+    far; the axis and the speed are what the prompt fixes. A frozen object, one moving across the prompt's axis or
+    at the other speed still loses. The step through a bounce is shortened by the wall and costs (speed − |d_t|)²
+    (at most speed², 4 px² at speed 2), so the world's long renders score about 0.8–1 per window.
+    """
+    return _motion_score(videos, prompts, either_sign=True)
+
+
+JUMP_FLOOR = 1e-4  # mean |Δframe| added to both sides of `boundary_jump`'s ratio: static videos score 1, not 0/0
+
+
+def boundary_jump(videos: Tensor, window: int) -> Tensor:
+    """The seam of videos ``[B, T, 3, H, W]`` streamed in windows of ``window`` frames: ``[B]`` float32, ≥ 0.
+
+    d_t = mean |x_{t+1} − x_t| over pixels and channels; the score is the mean d_t across the window boundaries
+    (frames k·window − 1 → k·window) over the median d_t within the windows (every other step), each plus
+    `JUMP_FLOOR`. ≈ 1 when a boundary changes the frame as much as an ordinary step (the world's renders: its
+    motion is steady); a jump at the boundaries (a colour or lighting step, a teleporting object, a reset
+    background) raises it. The floor keeps a static video (median 0) finite: without a seam it scores 1, with one
+    (jump + floor) / floor. Lower is better; not bounded, so it is a metric, not a reward.
+    """
+    if videos.dim() != 5 or videos.shape[2] != 3:
+        raise ValueError(f"boundary_jump takes videos [B, T, 3, H, W]; got {tuple(videos.shape)}")
+    frames = videos.shape[1]
+    if window < 2:
+        raise ValueError(f"window must be >= 2 frames (a window needs a step of its own); got {window}")
+    if frames <= window:
+        raise ValueError(f"videos of {frames} frames in windows of {window} have no window boundary; "
+                         f"pass longer videos or a smaller window")
+    diff = (videos[:, 1:].float() - videos[:, :-1].float()).abs().mean(dim=(2, 3, 4))  # [B, T-1]: step t -> t+1
+    seam = torch.zeros(frames - 1, dtype=torch.bool, device=diff.device)
+    seam[window - 1::window] = True
+    return (diff[:, seam].mean(dim=1) + JUMP_FLOOR) / (diff[:, ~seam].median(dim=1).values + JUMP_FLOOR)
 
 
 def shape_probability(mask: Tensor, prompts: list[str]) -> Tensor:
