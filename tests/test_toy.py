@@ -158,13 +158,15 @@ needs_weights = pytest.mark.skipif(
 
 @needs_weights
 @pytest.mark.parametrize("which, keys", [("toy", {"recipe", "teacher", "dmd", "oracle_comparison", "model", "wall_s"}),
-                                         ("toy_fm", {"seed", "steps", "val_loss", "model", "wall_s"})])
+                                         ("toy_fm", {"seed", "steps", "val_loss", "model", "wall_s"}),
+                                         ("toy_long", {"recipe", "teacher", "dmd", "long_comparison", "model"})])
 def test_shipped_weights_load_and_are_on_prompt(which, keys):
     from astrolabe_rl.models.wan import CausalWan
     from astrolabe_rl.rollout import rollout
-    from astrolabe_rl.toy.model import FM_WEIGHTS, WEIGHTS, load_toy_model
+    from astrolabe_rl.toy.model import FM_WEIGHTS, LONG_WEIGHTS, WEIGHTS, load_toy_model
 
-    path = {"toy": WEIGHTS, "toy_fm": FM_WEIGHTS}[which]  # the distilled student and the fm base it came from
+    # the distilled student, the fm base it came from, and the student extended to long videos
+    path = {"toy": WEIGHTS, "toy_fm": FM_WEIGHTS, "toy_long": LONG_WEIGHTS}[which]
     record = json.loads(path.with_suffix(".json").read_text())
     assert keys <= set(record)
     assert record["model"] == json.loads(json.dumps(get_family("toy").model.to_dict()))  # the geometry it was built with
@@ -308,7 +310,7 @@ def test_dev_selection_keeps_the_best_ema_and_puts_it_back(monkeypatch):
     for epoch, w, dev in ((4, 9.0, None), (5, 1.0, 0.50), (10, 2.0, 0.40)):  # the curve peaks at 5 and falls
         fake.epoch = epoch
         fake.policy.ema["w"].fill_(w)
-        sel.watch(fake, {"reward/total": 1.0} | ({} if dev is None else {demo.DevSelection.METRIC: dev}))
+        sel.watch(fake, {"reward/total": 1.0} | ({} if dev is None else {sel.metric: dev}))
     assert sel.restore_best(fake)
     assert fake.policy.ema["w"].tolist() == [1.0, 1.0]  # epoch 5's EMA, in place
     report = sel.report()
@@ -376,3 +378,50 @@ def test_coherence_holds_for_the_worlds_long_renders_and_falls_when_the_object_d
     lost[:, 27:] = lost[:, 27:, :, :1, :1]  # the last window shows only the background's corner colour
     assert (coherence(lost) == 0).all()
     assert coherence(steady[:, :9]).tolist() == [1.0, 1.0]  # one window: nothing to drift from
+
+
+@pytest.fixture(scope="module")
+def long_renders() -> tuple[list[str], torch.Tensor]:
+    prompts = world.eval_prompts(8, "test")  # every direction and speed once, both sizes
+    return prompts, world.render_long([[(0, p)] for p in prompts], list(range(8)), 45)
+
+
+def test_long_motion_accepts_bounces_and_still_wants_the_prompted_axis_and_speed(long_renders):
+    prompts, long = long_renders
+    windows = [long[:, k * 9:(k + 1) * 9] for k in range(5)]
+    scores = torch.stack([R.motion_long(w, prompts) for w in windows], dim=1)  # [8, 5]
+    assert bool((scores.mean(dim=0) >= 0.9).all()), scores
+    assert bool((scores > 0.75).all())  # the worst window: one step through a bounce that stops the object
+    assert bool((R.motion(windows[1], prompts) < scores[:, 1] - 0.1).any())  # the plain reward punishes bounces
+    assert bool((R.motion_long(windows[0], prompts) >= R.motion(windows[0], prompts)).all())
+    frozen = windows[2][:, :1].expand_as(windows[2])
+    assert bool((R.motion_long(frozen, prompts) < 0.65).all())
+    turn = {"left": "up", "right": "down", "up": "right", "down": "left"}
+    specs = [world.parse_prompt(p) for p in prompts]
+    sideways = world.render_long([[(0, replace(s, direction=turn[s.direction]).prompt)] for s in specs],
+                                 list(range(8)), 18)[:, 9:]
+    assert bool((R.motion_long(sideways, prompts) < 0.45).all())
+    assert torch.equal(build_reward("toy_motion_long").fn(windows[1], prompts), scores[:, 1])
+    assert not build_reward("toy_motion_long").monitor
+
+
+def test_boundary_jump_is_about_one_for_renders_and_rises_at_a_seam(long_renders):
+    prompts, long = long_renders
+    jump = R.boundary_jump(long, 9)
+    assert jump.shape == (8,) and bool((jump < 1.2).all()), jump
+    # a large object moving quickly bounces at every window boundary (its path spans the frame in 9 frames): its
+    # boundary steps are short, so it scores below 1, never like a seam
+    fast_large = torch.tensor([(s.size, s.speed) == ("large", "quickly") for s in map(world.parse_prompt, prompts)])
+    assert bool(((jump > 0.8) | fast_large).all()) and bool((jump[fast_large] < 1).all())
+    step = torch.zeros(1, 45, 3, 1, 1)
+    for k in range(5):  # a colour step at every window boundary: the tint swings by ±0.1 in red and blue
+        step[:, k * 9:(k + 1) * 9] = 0.05 * (-1) ** k * torch.tensor([1.0, 0.0, -1.0])[:, None, None]
+    seamed = (long + step).clamp(0, 1)
+    assert bool((R.boundary_jump(seamed, 9) > 3).all()), R.boundary_jump(seamed, 9)
+    grey = torch.full((1, 27, 3, 32, 32), 0.5)
+    assert R.boundary_jump(grey, 9).tolist() == [1.0]  # static: the floor, 1 without a seam
+    assert float(R.boundary_jump((grey + step[:, :27]).clamp(0, 1), 9)) > 50
+    with pytest.raises(ValueError, match="no window boundary"):
+        R.boundary_jump(long[:, :9], 9)
+    with pytest.raises(ValueError, match="window must be"):
+        R.boundary_jump(long, 1)

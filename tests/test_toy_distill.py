@@ -90,3 +90,29 @@ def test_distillation_runs_and_resumes_bit_exactly(tmp_path, monkeypatch):
     # the student moved away from its start (the ODE regression and DMD steps did something)
     start = load_file(base)
     assert any(not torch.equal(a[k], start[k]) for k in a)
+
+
+def test_a_long_rollout_trains_only_its_last_window():
+    """Self-Forcing++: the rollout runs 15 frames through toy_long's rolling cache; only the last 9 come back, and
+    only their exit calls carry gradient. The clip rollout (the default) is the 9-frame case of the same code."""
+    student = _random_model(3).requires_grad_(True)
+    text = ToyTextEncoder()(PROMPTS)
+    with torch.no_grad():
+        clip = distill.self_forcing_rollout(student, text, 2, 1, torch.Generator().manual_seed(0))
+        same = distill.self_forcing_rollout(student, text, 2, 1, torch.Generator().manual_seed(0), 9, "toy_long")
+    torch.testing.assert_close(same, clip, atol=0, rtol=0)  # 9 frames fit the rolling window: nothing is evicted
+    out = distill.self_forcing_rollout(student, text, 2, 1, torch.Generator().manual_seed(0), 15, "toy_long")
+    assert out.shape == (2, 9, 48, 8, 8) and out.requires_grad
+    out.square().mean().backward()
+    assert student.head.head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not WEIGHTS.is_file(), reason="no shipped toy student to extend")
+def test_long_extension_runs_and_records_its_recipe(tmp_path):
+    work = tmp_path / "long"
+    assert distill.main(["--long", "--smoke", "--work", str(work), "--out", str(work / "long.safetensors")]) == 0
+    record = json.loads((work / "long.json").read_text())
+    assert record["recipe"]["long_frames"] == 15 and record["recipe"]["base"] == WEIGHTS.name
+    assert "Self-Forcing++" in record["kind"] and "long bouncing videos" in record["teacher"]["data"]
+    with pytest.raises(ValueError, match="--long-frames"):
+        distill.main(["--long", "--smoke", "--long-frames", "10", "--work", str(tmp_path / "bad")])

@@ -148,6 +148,12 @@ FAMILIES: dict[str, Family] = {
         Family("toy_fm", TOY_WAN, _SF, latent_hw=(8, 8), horizon_frames=9, temporal_stride=1,
                description="the toy student's flow-matching base (4-step sampling of an undistilled model)",
                loader="astrolabe_rl.toy.model:FM_LOADER"),
+        # LongLive's cache at the toy's scale: a 3-frame sink + 3 recent frames + the 3-frame block being generated,
+        # the 9 frames the student was trained to attend to
+        Family("toy_long", TOY_WAN, replace(_SF, cache=CachePolicy(window_frames=9, sink_frames=3)), latent_hw=(8, 8),
+               horizon_frames=9, temporal_stride=1,
+               description="the toy student extended to long videos (astrolabe demo --long): rolling window 9, sink 3",
+               loader="astrolabe_rl.toy.model:LONG_LOADER"),
     )
 }
 

@@ -1,6 +1,7 @@
 """Distil the shipped toy student the way Self-Forcing does it (`reference/distillation.md`, `ar_models.md` §2.5–§2.7).
 
     python -m astrolabe_rl.toy.distill --compare      # rebuilds weights/toy.safetensors (~15 min, 2 cores)
+    python -m astrolabe_rl.toy.distill --long --compare   # extends it into weights/toy_long.safetensors (~25 min)
     python -m astrolabe_rl.toy.distill --smoke --work /tmp/d --out /tmp/student.safetensors      # a few steps each
 
 Three stages, each resumable (an interrupted run started again with the same arguments continues where it stopped):
@@ -50,7 +51,7 @@ from astrolabe_rl.models.wan import CausalWan
 from astrolabe_rl.rewards import pixel
 from astrolabe_rl.toy import pretrain as pt
 from astrolabe_rl.toy import vae, world
-from astrolabe_rl.toy.model import FM_WEIGHTS, WEIGHTS, load_toy_model, save_weights
+from astrolabe_rl.toy.model import FM_WEIGHTS, LONG_WEIGHTS, WEIGHTS, load_toy_model, save_weights
 from astrolabe_rl.toy.text import ToyTextEncoder
 
 # Sized for 2 shared CPU cores (about 15 minutes): the teacher is a short bidirectional fine-tune of the fm base,
@@ -60,9 +61,18 @@ from astrolabe_rl.toy.text import ToyTextEncoder
 DEFAULTS = dict(
     seed=0, teacher_steps=150, teacher_lr=3e-4, batch=16, ode_pairs=128, ode_steps=16, ode_train_steps=0,
     ode_lr=2e-4, dmd_iters=300, dmd_batch=6, lr_gen=2e-5, lr_critic=1e-4, critic_ratio=3, ema=0.95, ema_start=60,
+    long_frames=0,
 )
+# `--long`: the Self-Forcing++ / LongLive extension of the shipped student to long rollouts (`toy_long`). The teacher
+# is re-tuned on windows of long bouncing videos (the clip teacher never saw an object near a border), then DMD runs
+# on windows of the student's own rollouts of up to `long_frames` latent frames through the rolling cache + sink.
+# Rollouts stop at 27 frames (3 windows), so later positions stay unseen. Measured (`toy_long.json`,
+# long_comparison): its render-likeness falls after the first window (0.13 -> 0.07-0.09 of 45 frames) while prompt
+# agreement stays flat (0.56-0.63); the decay is mild, and its objects drift less than the world's.
+LONG = dict(long_frames=27, teacher_steps=150, dmd_iters=240, dmd_batch=4, ema_start=60, ode_train_steps=0)
 SMOKE = dict(teacher_steps=3, ode_pairs=8, ode_steps=8, ode_train_steps=3, dmd_iters=6, ema_start=2, batch=4,
              dmd_batch=2)
+SMOKE_LONG = SMOKE | dict(long_frames=15, ode_train_steps=0)
 T_RANGE = (0.02, 0.98)  # DMD / critic timesteps u ~ U(T_RANGE), then shifted (Self-Forcing's min/max step)
 
 
@@ -114,27 +124,34 @@ def ode_loss(student: CausalWan, states: Tensor, x0: Tensor, text: Tensor, which
     return (x0_from_velocity(x_t, v, sig.float()) - x0).square().mean()
 
 
-def self_forcing_rollout(student: CausalWan, text: Tensor, batch: int, exit_step: int, g: torch.Generator) -> Tensor:
-    """The student's own autoregressive sample ``[B, F, C, H, W]`` (`ar_models.md` §2.7).
+def self_forcing_rollout(student: CausalWan, text: Tensor, batch: int, exit_step: int, g: torch.Generator,
+                         frames: int | None = None, family: str = "toy") -> Tensor:
+    """The student's own autoregressive sample; returns its last ``world.frames`` latent frames ``[B, 9, C, H, W]``
+    (the whole clip when ``frames`` is the clip's; `ar_models.md` §2.7).
 
     Each block: pure noise, the few-step sampler (x̂0 = x − σ·v, re-noise with fresh ε) up to ``exit_step``,
-    whose x̂0 is the block's output and the only call that keeps gradients (when they are enabled); the block is
-    then committed to the KV cache without gradient, so no gradient flows through the history.
+    whose x̂0 is the block's output; the block is then committed to the KV cache without gradient, so no gradient
+    flows through the history. Only the returned window's exit calls keep gradients (when they are enabled): a
+    longer rollout (``frames``, through ``family``'s cache, e.g. ``toy_long``'s rolling window + sink) is
+    Self-Forcing++'s long rollout whose last window the teacher corrects.
     """
-    fam = get_family("toy")
+    fam = get_family(family)
+    frames = frames or _frames()
+    window_start = frames - _frames()
     steps = fam.sampler.steps.for_block(first=False)
     c, (hh, ww) = student.config.in_dim, fam.latent_hw
-    cache = student.new_cache(batch, fam.latent_hw, _frames(), fam.sampler.cache)
+    cache = student.new_cache(batch, fam.latent_hw, frames, fam.sampler.cache)
     cache.text = student.encode_text(text)
     out = []
-    for s, e in fam.sampler.block_bounds(_frames()):
+    for s, e in fam.sampler.block_bounds(frames):
         x = torch.randn(batch, e - s, c, hh, ww, generator=g)
         for k, t_k in enumerate(steps[: exit_step + 1]):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and k == exit_step):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and k == exit_step and s >= window_start):
                 x0 = x0_from_velocity(x, student.denoise(cache, x, t_k, start_frame=s), sigma_of(t_k))
             if k < exit_step:
                 x = renoise(x0, sigma_of(steps[k + 1]), torch.randn(x.shape, generator=g))
-        out.append(x0)
+        if s >= window_start:
+            out.append(x0)
         student.commit(cache, x0.detach(), start_frame=s)
     return torch.cat(out, dim=1)
 
@@ -182,7 +199,10 @@ def distill(args: argparse.Namespace) -> dict:
     """Run (or resume) the three stages and write the student to ``args.out`` with its record. Returns the record."""
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    recipe = {k: getattr(args, k) for k in DEFAULTS} | {"base": Path(args.base).name}
+    recipe = {k: getattr(args, k) for k in DEFAULTS} | {"base": Path(args.base).name,
+                                                        "teacher_init": Path(args.teacher_init).name}
+    if args.long_frames and (args.long_frames % 3 or args.long_frames < _frames()):
+        raise ValueError(f"--long-frames must be a multiple of 3 blocks' frames and ≥ {_frames()}; got {args.long_frames}")
     state_file = work / "distill.state.pt"
     t_start = time.perf_counter()
 
@@ -191,8 +211,8 @@ def distill(args: argparse.Namespace) -> dict:
     if not teacher_path.with_suffix(".json").is_file():
         pt.pretrain(args.teacher_steps, args.batch, args.teacher_lr, warmup=min(50, args.teacher_steps),
                     weight_decay=0.01, ema=0.99, seed=args.seed, caption_noise=pt.DEFAULTS["caption_noise"],
-                    out=teacher_path, bidirectional=True, init=Path(args.base), save_every=20, log_every=10,
-                    mean_target=False, uniform_sigma_share=0.5)
+                    out=teacher_path, bidirectional=True, init=Path(args.teacher_init), save_every=20, log_every=10,
+                    mean_target=False, uniform_sigma_share=0.5, long_frames=args.long_frames)
     teacher_record = json.loads(teacher_path.with_suffix(".json").read_text())
     teacher = load_toy_model(teacher_path)
     encoder, prompts = ToyTextEncoder(), world.split("train")
@@ -278,9 +298,14 @@ def distill(args: argparse.Namespace) -> dict:
         it = run["step"]
         text = encoder([prompts[int(i)] for i in torch.randint(len(prompts), (args.dmd_batch,), generator=g)])
         exit_step = int(torch.randint(n_steps, (), generator=g))
+        frames = None  # the clip; --long: a rollout of 3..long_frames/3 blocks, its last window trained
+        if args.long_frames:
+            fpb = get_family("toy").sampler.frames_per_block
+            frames = fpb * int(torch.randint(_frames() // fpb, args.long_frames // fpb + 1, (), generator=g))
         generator_turn = it % args.critic_ratio == 0
         with torch.set_grad_enabled(generator_turn):
-            x_hat = self_forcing_rollout(student, text, args.dmd_batch, exit_step, g)
+            x_hat = self_forcing_rollout(student, text, args.dmd_batch, exit_step, g, frames,
+                                         "toy_long" if args.long_frames else "toy")
         if generator_turn:
             loss_g, norm = dmd_loss(x_hat, teacher, critic, text, g)
             opt_g.zero_grad(set_to_none=True)
@@ -314,10 +339,15 @@ def distill(args: argparse.Namespace) -> dict:
     student.load_state_dict(shadow)
     save_weights(student, out)
     record = {
-        "kind": "DMD-distilled 4-step causal student (Self-Forcing recipe)", "recipe": recipe,
-        "teacher": {k: teacher_record[k] for k in ("steps", "lr", "attention", "init", "sigma_sampling",
-                                                    "caption_noise", "val_loss", "wall_s", "curve")},
+        "kind": "DMD-distilled 4-step causal student (Self-Forcing recipe)" if not args.long_frames else
+        f"the toy student extended to long rollouts (Self-Forcing++): DMD on the last {_frames()}-frame window of "
+        f"its own rollouts of {_frames()}..{args.long_frames} latent frames through toy_long's rolling cache "
+        f"({get_family('toy_long').sampler.cache}), teacher re-tuned on windows of long bouncing videos",
+        "recipe": recipe,
+        "teacher": {k: teacher_record.get(k) for k in ("steps", "lr", "attention", "init", "sigma_sampling", "data",
+                                                        "caption_noise", "val_loss", "wall_s", "curve")},
         "student_init": "ODE regression on the teacher's ODE pairs" if args.ode_train_steps else
+        f"the shipped clip student {Path(args.base).name}" if args.long_frames else
         "teacher forcing: the fm base (block-causal teacher-forced flow matching on the world's clips), no ODE stage",
         "ode_regression": {"pairs": args.ode_pairs, "teacher_ode_steps": args.ode_steps,
                            "student_grid_sigmas": [round(s, 5) for s in grid_sigmas()], "curve": run["ode_curve"]}
@@ -365,17 +395,52 @@ def compare(weights: dict[str, Path], split: str = "test", prompts: int = 16, sa
     return {"split": split, "prompts": len(chosen), "samples_per_prompt": samples, "scores": out}
 
 
+@torch.no_grad()
+def compare_long(weights: dict[str, Path], frames: int = 45, prompts: int = 8, samples: int = 2) -> dict:
+    """Each model's rollouts of ``frames`` latent frames through ``toy_long``'s rolling cache + sink, and the world's
+    long renders, on balanced test-split prompts: per window of 9 frames, the window oracle
+    (`oracle.window_scores`) and the rewards; over whole videos, the coherence. name -> {figure: [per window]}."""
+    from astrolabe_rl.rollout import rollout
+    from astrolabe_rl.toy import oracle
+    from astrolabe_rl.toy import rewards as R
+
+    fam, n = get_family("toy_long"), _frames()
+    chosen = world.eval_prompts(prompts, "test")
+    batch = [p for p in chosen for _ in range(samples)]
+    seeds = [7919 * i + j for i in range(len(chosen)) for j in range(samples)]
+    videos = {"renders": world.render_long([[(0, p)] for p in batch], seeds, frames)}
+    for name, path in weights.items():
+        z = rollout(load_toy_model(path), ToyTextEncoder()(chosen), num_frames=frames, latent_hw=fam.latent_hw,
+                    sampler=fam.sampler, seeds=seeds, candidates=samples).latents
+        videos[name] = vae.decode(z)
+    out = {}
+    for name, v in videos.items():
+        row = {k: x.mean(0).tolist() for k, x in oracle.window_scores(v, batch, n).items()
+               if k in ("oracle", "agreement", "render")}
+        for reward, fn in (("toy_quality", R.quality), ("toy_motion_long", R.motion_long), ("toy_text", R.text_alignment)):
+            row[reward] = [float(fn(v[:, k * n:(k + 1) * n], batch).mean()) for k in range(frames // n)]
+        out[name] = {k: [round(x, 4) for x in xs] for k, xs in row.items()}
+        out[name]["coherence"] = round(float(R.coherence(v, n).mean()), 4)
+    return {"split": "test", "frames": frames, "prompts": len(chosen), "samples_per_prompt": samples, "windows": out}
+
+
 def _smooth(old: float | None, new: float) -> float:
     return new if old is None else 0.95 * old + 0.05 * new
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, value in DEFAULTS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
-    p.add_argument("--base", type=Path, default=FM_WEIGHTS, help="the flow-matching base (teacher and student init)")
-    p.add_argument("--work", type=Path, default=Path("runs/toy_distill"), help="teacher, ODE pairs and state file")
-    p.add_argument("--out", type=Path, default=WEIGHTS, help="the student's .safetensors (+ .json record)")
+    for name, value in DEFAULTS.items():  # None: the mode's default (DEFAULTS, or LONG over them with --long)
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=None, help=f"default {value}")
+    p.add_argument("--long", action="store_true",
+                   help="extend the shipped student to long rollouts (Self-Forcing++, `LONG`) into toy_long")
+    p.add_argument("--base", type=Path, default=None,
+                   help="student init: the fm base (default), or with --long the shipped clip student")
+    p.add_argument("--teacher-init", type=Path, default=FM_WEIGHTS, help="the teacher's fine-tune starts here")
+    p.add_argument("--work", type=Path, default=None,
+                   help="teacher, ODE pairs and state file (default runs/toy_distill, runs/toy_distill_long)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the student's .safetensors (+ .json record; default the shipped toy or toy_long weights)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=20)
     p.add_argument("--smoke", action="store_true", help="a few steps of every stage (checks the pipeline)")
@@ -383,12 +448,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="after distilling, score the student, the fm base and the renders on the oracle (test split) "
                         "and add the figures to the student's record")
     args = p.parse_args(argv)
-    if args.smoke:
-        for k, v in SMOKE.items():
+    mode = DEFAULTS | (LONG if args.long else {}) | ((SMOKE_LONG if args.long else SMOKE) if args.smoke else {})
+    for k, v in mode.items():
+        if getattr(args, k) is None or (args.smoke and k in SMOKE):
             setattr(args, k, v)
+    args.base = args.base or (WEIGHTS if args.long else FM_WEIGHTS)
+    args.work = args.work or Path("runs/toy_distill_long" if args.long else "runs/toy_distill")
+    args.out = args.out or (LONG_WEIGHTS if args.long else WEIGHTS)
+    if args.smoke:
         args.log_every = args.save_every = 2
     record = distill(args)
-    if args.compare:
+    if args.compare and args.long:
+        record["long_comparison"] = compare_long({"long_student": Path(args.out), "clip_student": Path(args.base)},
+                                                 frames=15 if args.smoke else 45, prompts=4 if args.smoke else 8,
+                                                 samples=1 if args.smoke else 2)
+        Path(args.out).with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+        print(json.dumps(record["long_comparison"]))
+    elif args.compare:
         record["oracle_comparison"] = compare({"student": Path(args.out), "fm_base": Path(args.base)},
                                               prompts=8 if args.smoke else 16, samples=2 if args.smoke else 4)
         Path(args.out).with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")

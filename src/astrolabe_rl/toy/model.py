@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "toy.safetensors"
 FM_WEIGHTS = WEIGHTS.with_name("toy_fm.safetensors")  # the flow-matching base, kept for comparison (family toy_fm)
+LONG_WEIGHTS = WEIGHTS.with_name("toy_long.safetensors")  # the student extended to long rollouts (family toy_long)
 
 
 def save_weights(model: CausalWan, path: str | Path) -> Path:
@@ -89,3 +90,4 @@ class _ToyLoader:
 
 LOADER = _ToyLoader(WEIGHTS)  # family "toy": the DMD-distilled 4-step causal student (`toy.distill`)
 FM_LOADER = _ToyLoader(FM_WEIGHTS)  # family "toy_fm": the flow-matching base it was distilled from (`toy.pretrain`)
+LONG_LOADER = _ToyLoader(LONG_WEIGHTS)  # family "toy_long": the student extended to long videos (`toy.distill --long`)

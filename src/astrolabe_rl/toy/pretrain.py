@@ -111,11 +111,21 @@ def miscaption(prompts: list[str], noise: float, g: torch.Generator) -> list[str
 
 
 def batch_of(step: int, batch: int, seed: int, prompts: list[str], noise: float,
-             g: torch.Generator) -> tuple[list[int], Tensor]:
-    """Caption indices drawn uniformly from ``prompts`` and their clips' latents ``[B, F, C, H, W]`` (`miscaption`)."""
+             g: torch.Generator, long_frames: int = 0) -> tuple[list[int], Tensor]:
+    """Caption indices drawn uniformly from ``prompts`` and their clips' latents ``[B, F, C, H, W]`` (`miscaption`).
+
+    ``long_frames > 0``: each clip is instead a window of ``world.WORLD.frames`` frames, at an offset drawn
+    uniformly in ``[0, long_frames − frames]``, of a long bouncing video (`world.render_long`): the object anywhere
+    in the frame, bouncing off the borders, which the centred clips never show."""
     picks = torch.randint(len(prompts), (batch,), generator=g).tolist()
     seeds = [seed * 1_000_003 + step * batch + i for i in range(batch)]
-    return picks, vae.encode(world.render(miscaption([prompts[i] for i in picks], noise, g), seeds))
+    shown = miscaption([prompts[i] for i in picks], noise, g)
+    if not long_frames:
+        return picks, vae.encode(world.render(shown, seeds))
+    n = world.WORLD.frames
+    offsets = torch.randint(long_frames - n + 1, (batch,), generator=g).tolist()
+    clips = [world.render_long([[(0, p)]], [s], o + n)[:, o:] for p, s, o in zip(shown, seeds, offsets)]
+    return picks, vae.encode(torch.cat(clips))
 
 
 @functools.lru_cache(maxsize=None)
@@ -168,6 +178,7 @@ def pretrain(
     steps: int, batch: int, lr: float, warmup: int, weight_decay: float, ema: float, seed: int, caption_noise: float,
     out: Path, log_every: int = 50, save_every: int = 100, bidirectional: bool = False, init: Path | None = None,
     mean_target: bool = True, uniform_sigma_share: float = 0.0, first_block_sigma1: float = 0.0,
+    long_frames: int = 0,
 ) -> dict:
     """Train from scratch (or from the weights file ``init``) and write ``out`` (+ ``out.json`` with the recipe and
     results). Returns the record.
@@ -180,6 +191,8 @@ def pretrain(
     DMD's score queries need accurate velocities at low σ, which the shifted grid rarely visits).
     ``first_block_sigma1``: that share of the clips puts their first block at σ = 1 (block-causal only): the one
     step of a rollout that sees neither context nor signal, where the prompt alone must place the object.
+    ``long_frames``: train on windows of long bouncing videos up to that many frames (`batch_of`; the long
+    teacher of `toy.distill --long`), not on the world's centred clips.
 
     Every ``save_every`` steps the full state (weights, EMA, optimiser, schedule, data/noise generator, curve) goes
     to ``out.with_suffix(".state.pt")``; a run started with the same arguments resumes from it bit-exactly, so an
@@ -203,13 +216,14 @@ def pretrain(
         raise ValueError(f"caption_noise is a probability; got {caption_noise}")
     run = {"step": 0, "running": None, "history": [], "wall": 0.0, "cpu": 0.0,
            "args": [steps, batch, lr, warmup, weight_decay, ema, seed, caption_noise, bidirectional,
-                    None if init is None else str(init), mean_target, uniform_sigma_share, first_block_sigma1]}
+                    None if init is None else str(init), mean_target, uniform_sigma_share, first_block_sigma1,
+                    *([long_frames] if long_frames else [])]}
     state_file = out.with_suffix(".state.pt")
     if state_file.is_file():
         run = _resume(state_file, run, model, shadow, opt, sched, g)
     start, cpu = time.perf_counter() - run["wall"], time.process_time() - run["cpu"]
     for step in range(run["step"], steps):
-        picks, x0 = batch_of(step, batch, seed, prompts, caption_noise, g)
+        picks, x0 = batch_of(step, batch, seed, prompts, caption_noise, g, long_frames)
         blocks = 1 if bidirectional else x0.shape[1] // family.sampler.frames_per_block
         sig = training_sigmas(batch, blocks, grid, shift, g, uniform_sigma_share, first_block_sigma1)
         loss = flow_loss(model, x0, encoder([prompts[i] for i in picks]), sig, torch.randn(x0.shape, generator=g),
@@ -243,6 +257,8 @@ def pretrain(
         + ": 1/2 sampler grid, 1/2 shift5(U(0,1))"
         + (f"; a share {uniform_sigma_share} of the clips U(0,1) instead" if uniform_sigma_share else "")
         + (f"; a share {first_block_sigma1} of the clips' first blocks at sigma 1" if first_block_sigma1 else ""),
+        "data": f"{world.WORLD.frames}-frame windows of long bouncing videos of up to {long_frames} frames"
+        if long_frames else "the world's clips",
         "first_block_sigma1_target": "eps - E[x0 | caption] (64-sample mean over seeds and caption errors)"
         if mean_target else "eps - x0 (the sample's own)",
         "final_train_loss_smoothed": round(run["running"], 5),
