@@ -217,3 +217,29 @@ def test_overlap_trains_the_boundary_frames_toward_the_history(tmp_path, _single
     # the loss is the NFT objective on the window plus 2 × the boundary term on the overlap
     assert m["loss/loss"] == pytest.approx(m["loss/policy_loss"] + 1e-4 * m["loss/kl_selected"]
                                            + 2.0 * m["loss/boundary"], rel=1e-5)
+
+
+def test_window_frames_cut_a_video_into_its_decoded_windows():
+    from astrolabe_rl.train.streaming import window_frames
+
+    assert window_frames(12, 6, 4) == [(0, 21), (21, 45)]  # Wan: latent 0 -> 1 frame, each later one -> 4
+    assert window_frames(45, 9, 1) == [(0, 9), (9, 18), (18, 27), (27, 36), (36, 45)]
+    assert window_frames(20, 9, 1) == [(0, 9), (9, 18)]  # the partial last window is dropped
+
+
+def test_streaming_evaluation_scores_the_videos_window_by_window(tmp_path, _single_process):
+    from astrolabe_rl.rewards.base import score_all
+    from astrolabe_rl.train import recipe
+    from astrolabe_rl.train.streaming import window_frames
+
+    world = recipe.setup(_streaming_cfg(tmp_path, "rollout.num_frames=12", "data.eval_inline=[a red ball]"))
+    metrics = recipe.evaluate(world)
+    world.logger.close()
+    with world.policy.ema_sampling_model() as model:
+        ((_, _, videos),) = recipe.sample_videos(world, model, world.io.encode(["a red ball"]), [0])
+    windows = window_frames(12, 6, world.family.temporal_stride)
+    assert len(windows) == 2 and videos.shape[1] == windows[-1][1]
+    got = [score_all(world.rewards, videos[:, a:b], ["a red ball"])[0]["sharpness"] for a, b in windows]
+    assert metrics["eval/reward/sharpness"] == pytest.approx(float(torch.stack(got).mean()), rel=1e-5)
+    assert metrics["eval/last_window/reward/sharpness"] == pytest.approx(float(got[-1]), rel=1e-5)
+    assert "eval/last_window/reward/total" in metrics and "eval/kl_base" in metrics

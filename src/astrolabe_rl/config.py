@@ -65,7 +65,7 @@ class DataConfig:
 class RolloutConfig:
     prompts_per_epoch: int = _f(16, "P: prompts drawn per epoch (over all ranks)")
     candidates: int = _f(24, "K: videos per prompt (the group of the advantage)")
-    num_frames: int = _f(0, "latent frames per video; 0 = the family's training horizon (21 = 81 pixel frames)")
+    num_frames: int = _f(0, "latent frames per video (train.mode=streaming: of the evaluation videos, scored window by window); 0 = the family's training horizon (21 = 81 pixel frames)")
     micro_batch: int = _f(3, "videos per rank per rollout / training micro-batch")
 
 

@@ -71,7 +71,8 @@ from astrolabe_rl.train.checkpoint import (
     save_checkpoint,
 )
 from astrolabe_rl.train.logging import RunLogger, progress
-from astrolabe_rl.train.streaming import WindowPasses, commit_history, decode_window, window_start
+from astrolabe_rl.train.streaming import (WindowPasses, commit_history, decode_window, pixel_frame, window_frames,
+                                         window_start)
 
 RELEASE_SIGMAS = (1.0, 0.75, 0.5, 0.25)  # the unwarped DMD list the released trainer re-noises at
 
@@ -386,8 +387,7 @@ def window_scenes(starts: list[int], prompts: list[str], start: int, window: int
     latent frame ``starts[i]`` to the next start; the window holds latent frames ``[start, start + window)``, decoded
     to ``temporal_stride`` pixel frames each (the video's first latent frame to one)."""
     def pixel(latent: int) -> int:  # the window's first decoded frame of this absolute latent frame
-        first = 0 if start == 0 else 1 + temporal_stride * (start - 1)
-        return (0 if latent == 0 else 1 + temporal_stride * (latent - 1)) - first
+        return pixel_frame(latent, temporal_stride) - pixel_frame(start, temporal_stride)
 
     ends = [*starts[1:], start + window]
     return [(pixel(max(a, start)), pixel(min(b, start + window)), prompt)
@@ -702,13 +702,22 @@ def evaluate(world: World) -> dict[str, float]:
 
     Every rank generates an equal share (padded, so sharded FSDP2 models see the same number of forwards on every
     rank); scores are gathered and rank 0 writes the videos of its share.
+
+    ``train.mode=streaming`` scores the videos (``rollout.num_frames`` latent frames, through the family's rolling
+    cache) window by window, as the rewards see clips: consecutive windows of ``streaming.window`` latent frames;
+    ``eval/<kind>/<name>`` is the mean over the windows, ``eval/last_window/<kind>/<name>`` the last window's, where
+    a long rollout decays first. Its KL to the base is measured on the first window.
     """
     cfg, ctx = world.cfg, world.ctx
     jobs = [(p, seed * 100_003 + i) for seed in cfg.eval.seeds for i, p in enumerate(world.eval_prompts)]
     share = -(-len(jobs) // ctx.world_size)
     mine = (jobs + jobs[-1:] * (share * ctx.world_size - len(jobs)))[ctx.rank * share : (ctx.rank + 1) * share]
     scorers = {**world.rewards, **world.monitors, **world.eval_monitors}
+    streaming = cfg.train.mode == "streaming"
+    windows = (streaming and window_frames(world.num_frames, cfg.streaming.window, world.family.temporal_stride)
+               or [(0, None)])  # the decoded-frame ranges scored separately
     local: dict[str, list[Tensor]] = {name: [] for name in scorers}
+    last: dict[str, list[Tensor]] = {name: [] for name in scorers}
     written = 0
     kl: list[Tensor] = []
     prompts = [p for p, _ in mine]
@@ -717,22 +726,27 @@ def evaluate(world: World) -> dict[str, float]:
     with world.policy.ema_sampling_model() as model, world.policy.ema_weights():
         text = world.io.encode(prompts)
         for sl, latents, videos in sample_videos(world, model, text, [s for _, s in mine]):
-            got, _ = score_all(scorers, videos, prompts[sl])
+            per_window = [score_all(scorers, videos[:, a:b], prompts[sl])[0] for a, b in windows]
+            got = {name: torch.stack([w[name] for w in per_window]).mean(0) for name in per_window[0]}
             for name, v in got.items():
                 local[name].append(v.to(latents.device))
+                last[name].append(per_window[-1][name].to(latents.device))
             if cfg.eval.kl_sigmas:
-                kl.append(kl_to_base(world, latents, text[sl], [s for _, s in mine[sl]]))
+                first = latents[:, : cfg.streaming.window] if streaming else latents
+                kl.append(kl_to_base(world, first, text[sl], [s for _, s in mine[sl]]))
             for j in range(videos.shape[0]):
                 if ctx.is_main and written < cfg.eval.videos:
                     caption = {name: float(v[j]) for name, v in got.items()}
                     world.logger.log_video(f"eval/{written:02d}", videos[j], world.step, caption=caption)
                     written += 1
     metrics = {}
-    for name, parts in local.items():
-        values = dist.all_gather_cat(ctx, torch.cat(parts))[: len(jobs)]  # drop the padding
-        kind = "reward" if name in world.rewards else "monitor"
-        metrics[f"eval/{kind}/{name}"] = _nanmean(values)
-    metrics["eval/reward/total"] = sum(world.weights[n] * metrics[f"eval/reward/{n}"] for n in world.rewards)
+    for prefix, table in (("eval", local), *((("eval/last_window", last),) if streaming else ())):
+        for name, parts in table.items():
+            values = dist.all_gather_cat(ctx, torch.cat(parts))[: len(jobs)]  # drop the padding
+            kind = "reward" if name in world.rewards else "monitor"
+            metrics[f"{prefix}/{kind}/{name}"] = _nanmean(values)
+        metrics[f"{prefix}/reward/total"] = sum(world.weights[n] * metrics[f"{prefix}/reward/{n}"]
+                                                for n in world.rewards)
     if kl:
         metrics["eval/kl_base"] = _nanmean(dist.all_gather_cat(ctx, torch.cat(kl))[: len(jobs)])
     return metrics

@@ -53,6 +53,19 @@ def window_start(cfg: StreamingConfig, sampler: SamplerConfig, seed: int) -> int
     return options[int(torch.randint(len(options), (), generator=g))]
 
 
+def pixel_frame(latent: int, temporal_stride: int) -> int:
+    """The first decoded frame of latent frame ``latent`` (the video's first latent frame decodes to one frame, each
+    later one to ``temporal_stride``: the Wan VAE's 1 + 4·(F − 1))."""
+    return 0 if latent == 0 else 1 + temporal_stride * (latent - 1)
+
+
+def window_frames(video_frames: int, window: int, temporal_stride: int) -> list[tuple[int, int]]:
+    """The decoded-frame ranges ``(first, end)`` of the consecutive windows ``[k·window, (k+1)·window)`` of a video of
+    ``video_frames`` latent frames (a last partial window is dropped): what streaming evaluation scores one by one."""
+    return [(pixel_frame(s, temporal_stride), pixel_frame(s + window, temporal_stride))
+            for s in range(0, video_frames - window + 1, window)]
+
+
 @torch.no_grad()
 def decode_window(decoder: Decoder, history: Tensor, window: Tensor, owner: Tensor, warmup: int = 0) -> Tensor:
     """Frames ``[b, T_w, 3, H, W]`` (float32, [0, 1]) of the window latents ``window [b, W, C, h, w]`` only, sample
