@@ -2,6 +2,7 @@
 
     astrolabe demo                      # ≈ 8 minutes on 2 CPU cores
     astrolabe demo --quick              # ≈ 3 minutes
+    astrolabe demo --long [--quick]     # streaming RL of long videos (`astrolabe_rl.toy.long_demo`)
     python -m astrolabe_rl.toy.demo --quick --out runs/demo-quick
 
 What runs: the toy family (`astrolabe_rl.toy`: the DMD-distilled student) through the recipe's own loop
@@ -36,7 +37,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -228,9 +229,11 @@ class DevSelection:
     The dev split is for tuning (`toy.world`), so choosing a checkpoint on it leaves the test split untouched.
     """
 
-    METRIC = "eval/monitor/toy_oracle"
-
-    def __init__(self) -> None:
+    def __init__(self, metric: str = "eval/monitor/toy_oracle",
+                 judge: Callable[[Tensor, list[str]], Tensor] | None = None) -> None:
+        """``metric``: the evaluation's oracle figure to maximise; ``judge(videos, prompts) -> [B]`` scores the base's
+        dev videos the same way (default: the clip oracle, `toy.oracle.oracle_scores`)."""
+        self.metric, self.judge = metric, judge
         self.curve: list[dict[str, float]] = []  # {"epoch", "oracle"} per evaluation, the base at epoch 0
         self.best: tuple[float, int, dict[str, Tensor]] | None = None  # (oracle, epoch, EMA adapter tensors)
 
@@ -239,14 +242,15 @@ class DevSelection:
         from astrolabe_rl.toy.oracle import oracle_scores
 
         prompts = world.eval_prompts
-        value = float(oracle_scores(held_out_videos(world, "base", prompts, [0]), prompts)["oracle"].mean())
+        videos = held_out_videos(world, "base", prompts, [0])
+        value = float(self.judge(videos, prompts).mean() if self.judge else oracle_scores(videos, prompts)["oracle"].mean())
         self.curve.append({"epoch": world.epoch, "oracle": round(value, 4)})
 
     def watch(self, world: Any, metrics: dict[str, float]) -> None:
         """After an epoch: keep the EMA when that epoch's evaluation scored the best dev oracle so far."""
-        if self.METRIC not in metrics:  # not an evaluation epoch (`eval.every`, and the last)
+        if self.metric not in metrics:  # not an evaluation epoch (`eval.every`, and the last)
             return
-        value = metrics[self.METRIC]
+        value = metrics[self.metric]
         self.curve.append({"epoch": world.epoch, "oracle": round(value, 4)})
         if self.best is None or value > self.best[0]:
             self.best = (value, world.epoch, {k: v.detach().clone() for k, v in world.policy.ema.items()})
@@ -344,8 +348,16 @@ def write_outputs(out: Path, run_dir: Path, videos: dict[str, Tensor], levels: d
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    summary = run_demo(args.out, quick=args.quick, epochs=args.epochs, seed=args.seed, overrides=args.overrides,
-                       progress=not args.no_progress, split=args.split)
+    if args.long:
+        from astrolabe_rl.toy.long_demo import run_long_demo
+
+        if args.split != "test":
+            raise ValueError("--long reports on the test split (its early stopping watches the dev split)")
+        summary = run_long_demo(args.out, quick=args.quick, epochs=args.epochs, seed=args.seed,
+                                overrides=args.overrides, progress=not args.no_progress)
+    else:
+        summary = run_demo(args.out, quick=args.quick, epochs=args.epochs, seed=args.seed, overrides=args.overrides,
+                           progress=not args.no_progress, split=args.split)
     print(json.dumps(summary))
     return 0
 
@@ -356,9 +368,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="the ≈3-minute version (fewer prompts, epochs, test prompts and seeds)")
-    p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (full 50, quick 24)")
+    p.add_argument("--long", action="store_true",
+                   help="streaming RL of the long toy model on 45-frame videos, judged window by window "
+                        "(`astrolabe_rl.toy.long_demo`)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="override the preset's epochs (full 50, quick 24; --long: 30, 12)")
     p.add_argument("--out", default=None,
-                   help="output folder: grids, curves, summary, the run (default: runs/demo, runs/demo-quick)")
+                   help="output folder: grids, curves, summary, the run (default: runs/demo, runs/demo-quick, "
+                        "runs/demo-long, runs/demo-long-quick)")
     p.add_argument("--seed", type=int, default=0, help="train.seed: the adapter init, prompts, noise and σ draws")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--split", choices=("test", "dev"), default="test",
