@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 try:
     import astrolabe_rl  # noqa: F401
@@ -59,20 +60,20 @@ def mean_sd(values: list[float], digits: int = 3) -> str:
 
 
 def run(options: list[tuple[str, list[str]]], seeds: list[int], epochs: int, quick: bool, workdir: Path,
-        **demo_kwargs: object) -> list[dict]:
-    """Every option × seed (`run_demo` with the option's overrides, and ``demo_kwargs``); one dict per option with
-    the per-seed demo summaries."""
+        demo: Callable[..., dict] = run_demo, headline: str = "oracle_gap_closed", **demo_kwargs: object) -> list[dict]:
+    """Every option × seed (``demo``, `run_demo` by default, with the option's overrides and ``demo_kwargs``); one
+    dict per option with the per-seed demo summaries (``headline`` names the figure printed as each run ends)."""
     rows = []
     for label, overrides in options:
         runs = []
         for seed in seeds:
             out = workdir / "".join(c if c.isalnum() or c in "-." else "_" for c in label) / f"seed{seed}"
             extra = [*overrides, *(QUICK_SIZE if quick else [])]
-            s = run_demo(out, quick=True, epochs=epochs, seed=seed, overrides=extra, progress=False,
-                         **({"test_prompts": 2, "eval_seeds": 1} if quick else {}), **demo_kwargs)
+            s = demo(out, quick=True, epochs=epochs, seed=seed, overrides=extra, progress=False,
+                     **({"test_prompts": 2, "eval_seeds": 1} if quick else {}), **demo_kwargs)
             runs.append(s)
-            print(f"{label} seed {seed}: oracle gap closed {s['oracle_gap_closed']:.3f} "
-                  f"({s['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+            print(f"{label} seed {seed}: {headline} {s[headline]:.3f} ({s['wall_s']:.0f} s)", file=sys.stderr,
+                  flush=True)
         rows.append({"option": label, "runs": runs})
     return rows
 
