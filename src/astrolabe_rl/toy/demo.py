@@ -54,14 +54,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def demo_config(out: Path, preset: str = "full", epochs: int | None = None, seed: int = 0,
-                overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """The demo's `Config`: ``configs/demo.yaml`` (the toy family, LoRA r16, the toy rewards, the release NFT
-    defaults), the preset's sizes, the toy world's prompts, then ``overrides`` (dotted ``key=value`` strings, as on
-    the ``astrolabe train`` command line)."""
+                overrides: list[str] | tuple[str, ...] = (), recipe: str = "demo",
+                presets: dict[str, dict[str, Any]] | None = None) -> Any:
+    """The demo's `Config`: ``configs/<recipe>.yaml`` (``demo``: the toy family, LoRA r16, the toy rewards, the
+    release NFT defaults), the preset's sizes (``presets``, default `PRESETS`), the toy world's prompts, then
+    ``overrides`` (dotted ``key=value`` strings, as on the ``astrolabe train`` command line)."""
     from astrolabe_rl.config import load_config
     from astrolabe_rl.toy import world
 
-    size = PRESETS[preset]
+    size = (presets or PRESETS)[preset]
     base = [
         f"run_dir={out / 'run'}", "checkpoint.overwrite=true", f"train.seed={seed}", *size["overrides"],
         f"data.prompts={json.dumps(world.split('train'))}",
@@ -69,7 +70,7 @@ def demo_config(out: Path, preset: str = "full", epochs: int | None = None, seed
         f"data.eval_inline={json.dumps(world.eval_prompts(size['dev_prompts'], split='dev'))}",
         *([f"train.epochs={epochs}"] if epochs else []),
     ]
-    return load_config("demo", [*base, *overrides])
+    return load_config(recipe, [*base, *overrides])
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

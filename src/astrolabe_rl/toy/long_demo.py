@@ -51,19 +51,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def long_demo_config(out: Path, preset: str = "full", epochs: int | None = None, seed: int = 0,
                      overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """The long demo's `Config`: ``configs/demo_long.yaml``, the preset's sizes, the toy world's prompts, then
-    ``overrides`` (dotted ``key=value`` strings)."""
-    from astrolabe_rl.config import load_config
-    from astrolabe_rl.toy import world
-
-    size = PRESETS[preset]
-    base = [
-        f"run_dir={out / 'run'}", "checkpoint.overwrite=true", f"train.seed={seed}", *size["overrides"],
-        f"data.prompts={json.dumps(world.split('train'))}",
-        f"data.eval_inline={json.dumps(world.eval_prompts(size['dev_prompts'], split='dev'))}",
-        *([f"train.epochs={epochs}"] if epochs else []),
-    ]
-    return load_config("demo_long", [*base, *overrides])
+    """The long demo's `Config`: ``configs/demo_long.yaml`` with this module's presets (`demo.demo_config`)."""
+    return demo.demo_config(out, preset, epochs, seed, overrides, recipe="demo_long", presets=PRESETS)
 
 
 def real_long_videos(prompts: list[str], seeds: list[int], frames: int) -> Tensor:
