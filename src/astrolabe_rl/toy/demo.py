@@ -373,7 +373,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="streaming RL of the long toy model on 45-frame videos, judged window by window "
                         "(`astrolabe_rl.toy.long_demo`)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="override the preset's epochs (full 50, quick 24; --long: 24, 10)")
+                   help="override the preset's epochs (full 50, quick 24; --long: 24, 8)")
     p.add_argument("--out", default=None,
                    help="output folder: grids, curves, summary, the run (default: runs/demo, runs/demo-quick, "
                         "runs/demo-long, runs/demo-long-quick)")

@@ -43,8 +43,8 @@ LATE_WINDOWS = 2  # the headline's windows: the last two of five (latent frames 
 SELECT_METRIC = "eval/last_window/monitor/toy_oracle_long"
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {"overrides": [], "dev_prompts": 4, "test_prompts": 8, "eval_seeds": 3},
-    "quick": {"overrides": ["rollout.prompts_per_epoch=4", "rollout.candidates=6", "train.epochs=10",
-                            "train.old_decay_rate=0.05", "eval.every=5"],
+    "quick": {"overrides": ["rollout.prompts_per_epoch=4", "rollout.candidates=6", "train.epochs=8",
+                            "train.old_decay_rate=0.06", "eval.every=4"],
               "dev_prompts": 4, "test_prompts": 8, "eval_seeds": 2},
 }
 
