@@ -96,18 +96,26 @@ def real_videos(prompts: list[str], seeds: list[int]) -> Tensor:
     return world.render([p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds])
 
 
-def score(world: Any, videos: Tensor, prompts: list[str], seeds: list[int]) -> dict[str, Tensor]:
-    """Per video: the oracle (`toy.oracle`: prompt agreement per attribute and render-likeness; never trained on),
-    every reward and monitor, and ``total`` (the weighted sum the recipe optimises)."""
+def proxy_scores(world: Any, videos: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+    """Per video (one prompt each): every reward and monitor, and ``total`` (the weighted sum the recipe optimises);
+    a reward that fails on held-out videos is an error."""
     from astrolabe_rl.rewards.base import score_all
-    from astrolabe_rl.toy.oracle import oracle_scores
 
-    prompts = [p for p in prompts for _ in seeds]
     got, errors = score_all({**world.rewards, **world.monitors}, videos, prompts)
     if errors:
         raise RuntimeError(f"a toy reward failed on held-out videos: {errors}")
     got["total"] = sum(w * got[name] for name, w in world.weights.items())
-    return {**{f"oracle/{k}": v for k, v in oracle_scores(videos, prompts).items()}, **got}
+    return got
+
+
+def score(world: Any, videos: Tensor, prompts: list[str], seeds: list[int]) -> dict[str, Tensor]:
+    """Per video: the oracle (`toy.oracle`: prompt agreement per attribute and render-likeness; never trained on),
+    and `proxy_scores`."""
+    from astrolabe_rl.toy.oracle import oracle_scores
+
+    prompts = [p for p in prompts for _ in seeds]
+    return {**{f"oracle/{k}": v for k, v in oracle_scores(videos, prompts).items()},
+            **proxy_scores(world, videos, prompts)}
 
 
 def compare(before: dict[str, Tensor], after: dict[str, Tensor], real: dict[str, Tensor]) -> dict[str, Any]:
@@ -264,6 +272,12 @@ class DevSelection:
             v.copy_(self.best[2][k])
         return True
 
+    def selected(self, world: Any, select_best: bool) -> dict[str, Any]:
+        """What a demo reports as its chosen EMA: `report`, or the last EMA when it does not select."""
+        if select_best:
+            return self.report()
+        return {"epoch": world.epoch, "why": "the last EMA (select_best=False)", "dev_oracle_curve": self.curve}
+
     def report(self) -> dict[str, Any]:
         epoch = None if self.best is None else self.best[1]
         last = self.curve[-1]["epoch"] if self.curve else None
@@ -329,9 +343,8 @@ def run_demo(out: str | Path | None = None, quick: bool = False, epochs: int | N
         videos["after"] = held_out_videos(world, "after", prompts, seeds)
         videos["real"] = real_videos(prompts, seeds)
         held["results"] = compare(*(score(world, videos[k], prompts, seeds) for k in ("before", "after", "real")))
-        selected = dev.report() if select_best else {"epoch": world.epoch, "why": "the last EMA (select_best=False)",
-                                                     "dev_oracle_curve": dev.curve}
-        held["summary"] = {**summarise(world, held["results"], prompts, seeds, preset, split), "selected": selected}
+        held["summary"] = {**summarise(world, held["results"], prompts, seeds, preset, split),
+                           "selected": dev.selected(world, select_best)}
         held["prompts"] = prompts
 
     recipe.train(cfg, recipe.Callbacks(on_start=before, on_epoch=dev.watch, on_end=after))

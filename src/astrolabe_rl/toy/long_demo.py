@@ -67,7 +67,6 @@ def window_table(world: Any, videos: Tensor, prompts: list[str], seeds: list[int
     """Per video and window ``[N, n_windows]``: the window oracle (``oracle/<figure>``), every reward and monitor
     and ``total``; per video ``[N]``: ``coherence`` and ``boundary_jump`` (the windows are `streaming.window`
     frames, the toy VAE's frames being its latent frames)."""
-    from astrolabe_rl.rewards.base import score_all
     from astrolabe_rl.toy import rewards as R
     from astrolabe_rl.toy.oracle import one_thread, window_scores
 
@@ -75,13 +74,7 @@ def window_table(world: Any, videos: Tensor, prompts: list[str], seeds: list[int
     repeated = [p for p in prompts for _ in seeds]
     with one_thread():
         table = {f"oracle/{k}": v for k, v in window_scores(videos, repeated, w).items()}
-    per_window = []
-    for k in range(videos.shape[1] // w):
-        got, errors = score_all({**world.rewards, **world.monitors}, videos[:, k * w:(k + 1) * w], repeated)
-        if errors:
-            raise RuntimeError(f"a toy reward failed on window {k} of the held-out videos: {errors}")
-        got["total"] = sum(weight * got[name] for name, weight in world.weights.items())
-        per_window.append(got)
+    per_window = [demo.proxy_scores(world, videos[:, k * w:(k + 1) * w], repeated) for k in range(videos.shape[1] // w)]
     table |= {name: torch.stack([g[name] for g in per_window], dim=1) for name in per_window[0]}
     table["coherence"] = R.coherence(videos, w)
     table["boundary_jump"] = R.boundary_jump(videos, w)
@@ -201,9 +194,8 @@ def run_long_demo(out: str | Path | None = None, quick: bool = False, epochs: in
         videos["real"] = real_long_videos(prompts, seeds, world.num_frames)
         held["results"] = compare_windows(*(window_table(world, videos[k], prompts, seeds)
                                             for k in ("before", "after", "real")))
-        selected = dev.report() if select_best else {"epoch": world.epoch, "why": "the last EMA (select_best=False)",
-                                                     "dev_oracle_curve": dev.curve}
-        held["summary"] = {**summarise(world, held["results"], prompts, seeds, preset), "selected": selected}
+        held["summary"] = {**summarise(world, held["results"], prompts, seeds, preset),
+                           "selected": dev.selected(world, select_best)}
 
     recipe.train(cfg, recipe.Callbacks(on_start=before, on_epoch=dev.watch, on_end=after))
     write_outputs(out, Path(cfg.run_dir), videos, held["results"], prompts, len(seeds))

@@ -714,8 +714,10 @@ def evaluate(world: World) -> dict[str, float]:
     mine = (jobs + jobs[-1:] * (share * ctx.world_size - len(jobs)))[ctx.rank * share : (ctx.rank + 1) * share]
     scorers = {**world.rewards, **world.monitors, **world.eval_monitors}
     streaming = cfg.train.mode == "streaming"
-    windows = (streaming and window_frames(world.num_frames, cfg.streaming.window, world.family.temporal_stride)
-               or [(0, None)])  # the decoded-frame ranges scored separately
+    # the decoded-frame ranges scored separately: the whole clip, or each window of a streaming run's videos
+    windows = [(0, None)]
+    if streaming:
+        windows = window_frames(world.num_frames, cfg.streaming.window, world.family.temporal_stride) or windows
     local: dict[str, list[Tensor]] = {name: [] for name in scorers}
     last: dict[str, list[Tensor]] = {name: [] for name in scorers}
     written = 0
