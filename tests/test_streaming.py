@@ -143,7 +143,6 @@ def test_streaming_run_trains_the_window_and_resumes_bit_identically(tmp_path, _
     (["streaming.decode_warmup=-1"], "streaming.decode_warmup"),
     (["streaming.overlap=6"], "streaming.overlap=6"),
     (["streaming.overlap=2"], "whole blocks"),
-    (["dist.strategy=fsdp2"], "dist.strategy"),
 ])
 def test_bad_streaming_configs_fail_before_anything_runs(tmp_path, overrides, field):
     with pytest.raises(ValueError, match=field):

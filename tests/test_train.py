@@ -235,9 +235,11 @@ STREAMING_SELECTIVE = [
 ]
 
 
-@pytest.mark.parametrize("extra", [[], STREAMING_SELECTIVE], ids=["clip", "streaming+selective"])
+@pytest.mark.parametrize("extra", [[], STREAMING_SELECTIVE, [*STREAMING_SELECTIVE, "dist.strategy=fsdp2"]],
+                         ids=["clip", "streaming+selective", "streaming+fsdp2"])
 def test_two_processes_agree_with_one(tmp_path, extra):
-    # streaming averages the gradients by hand, and selective KL gathers every rank's rewards before it selects
+    # streaming averages DDP's gradients by hand, FSDP2 reduces them in the blocks' hooks that the window passes'
+    # cached calls fire, and selective KL gathers every rank's rewards before it selects
     common = ["lora.rank=4", "lora.alpha=4", "data.prompts=[a red ball, a blue cube, a green cone]",
               "rollout.prompts_per_epoch=2", "rollout.candidates=2", "rollout.num_frames=3",
               "rollout.micro_batch=1", "rewards.components=[{name: sharpness, weight: 1.0}]", "rewards.monitors=[]",

@@ -488,9 +488,6 @@ def _validate_streaming(cfg: Config) -> None:
         if late:
             raise ValueError(f"streaming.choices {late} start past the end: a window of streaming.window={st.window} "
                              f"frames must end by streaming.video_frames={st.video_frames}")
-    if cfg.dist.strategy == "fsdp2":
-        raise ValueError("train.mode=streaming runs with dist.strategy ddp or none (its passes call the DiT's "
-                         "cached modes, which FSDP2's wrapper does not gather for yet)")
     from astrolabe_rl.models.families import FAMILIES
 
     if cfg.model.family in FAMILIES:

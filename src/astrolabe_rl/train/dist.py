@@ -360,6 +360,11 @@ def _import_fsdp2() -> tuple[Callable[..., Any], Any]:
     return fully_shard, MixedPrecisionPolicy
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``wrap_model(..., "fsdp2")`` sharded ``model``'s blocks (its backward then reduces the gradients)."""
+    return bool(_fsdp2_modules(model))
+
+
 def _fsdp2_modules(model: nn.Module) -> list[nn.Module]:
     """The ``fully_shard``-ed modules inside ``model`` (its blocks after ``wrap_model(..., "fsdp2")``)."""
     try:

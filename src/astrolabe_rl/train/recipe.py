@@ -228,8 +228,11 @@ def _build(cfg: Config, ctx: dist.DistContext, lock: RunDirLock | None) -> World
         policy.load_adapter(cfg.lora.init)
         for name in policy.extra_adapters:  # a moving reference starts where θ starts
             policy.copy_(name, "default")
-    # streaming passes call the DiT's cached modes, not a wrapped forward: their gradients are averaged by hand
-    train_model = dist.wrap_model(policy.model, ctx, "none" if streaming else cfg.dist.strategy)
+    # streaming passes call the DiT's cached modes, not its wrapped forward, so DDP's hooks never fire: its gradients
+    # are averaged by hand (`update_phase`). FSDP2 shards the blocks in place and reduces in their own hooks, which
+    # every entry into a block fires, cached modes included.
+    strategy = "none" if streaming and cfg.dist.strategy == "ddp" else cfg.dist.strategy
+    train_model = dist.wrap_model(policy.model, ctx, strategy)
     optimizer = torch.optim.AdamW(
         policy.trainable_parameters(),
         lr=cfg.train.lr,
@@ -645,7 +648,7 @@ def update_phase(world: World, batch: Batch, adv: Advantages, kl_mask: Tensor,
             selected += torch.stack([stats["kl_selected"] * count, count]).double()
         for k, v in {**stats, "sigma": sigma}.items():  # device sums: read once, after the last micro-step
             sums[k] = sums.get(k, 0.0) + v / len(chunks)
-    if batch.windows is not None:
+    if batch.windows is not None and not dist.is_sharded(world.train_model):
         dist.average_gradients_(world.ctx, world.policy.trainable_parameters())
     grad_norm = float(torch.nn.utils.clip_grad_norm_(world.policy.trainable_parameters(), cfg.train.grad_clip))
     sums = {k: float(v) for k, v in sums.items()}
