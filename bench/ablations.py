@@ -9,7 +9,7 @@ old policy's η schedule compressed to the run's length so that it ends off-poli
     train.sigmas release_grid {1, .75, .5, .25}  vs  sampler_grid (the warped steps)
     train.context noisy (whole clip noised, block-causal)  vs  clean (teacher forcing on clean history)
     combine      raw weighted sum  vs  group_z (z-score each reward within its prompt group)
-    β            0.1 (released)  vs  0.03 and 0.3
+    β            0.1 (released)  vs  0.01, 0.03, 0.3 and 1.0 (DiffusionNFT's default)
 
 Columns, judged first on what no run optimises: the oracle gap closed on the test split (`toy.oracle`: prompt
 agreement and render-likeness; mean ± std over training seeds), its two halves, then the optimised proxies (each
@@ -49,6 +49,8 @@ OPTIONS: list[tuple[str, list[str]]] = [
     ("combine=group_z", ["rewards.combine=group_z"]),
     ("β=0.03", ["train.beta=0.03"]),
     ("β=0.3", ["train.beta=0.3"]),
+    ("β=0.01", ["train.beta=0.01"]),
+    ("β=1.0", ["train.beta=1.0"]),
 ]
 QUICK_SIZE = ["rollout.prompts_per_epoch=2", "rollout.candidates=4", "eval.every=0"]
 
