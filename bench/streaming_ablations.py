@@ -7,7 +7,7 @@ recipe in ``train.mode=streaming``) per seed, with one option changed from `conf
     history_kv   per_policy (each training pass commits the history with its own weights)
                  vs old (θ_old's K/V shared by the θ, θ_old and reference passes: one commit instead of three)
     overlap      0 (windows meet at a block boundary) vs 3 (one block of the history trained with each window, its
-                 x̂0 pulled toward the committed frames with boundary_weight 1)
+                 x̂0 pulled toward the committed frames with boundary_weight 1, 0.1, 0.01 or 0.001, the default)
 
 Columns: the late windows' oracle gap closed (headline; mean ± std over training seeds), its agreement and render
 halves, the window-level proxies on the late windows, the coherence over whole videos, the boundary-jump ratio (1 =
@@ -44,7 +44,10 @@ PINNED = ["train.old_decay_rate=0.04", "eval.every=4"]
 OPTIONS: list[tuple[str, list[str]]] = [
     ("demo --long defaults (history_kv=per_policy, overlap=0)", PINNED),
     ("history_kv=old", [*PINNED, "streaming.history_kv=old"]),
-    ("overlap=3", [*PINNED, "streaming.overlap=3"]),
+    ("overlap=3, boundary_weight=1", [*PINNED, "streaming.overlap=3", "streaming.boundary_weight=1.0"]),
+    ("overlap=3, boundary_weight=0.1", [*PINNED, "streaming.overlap=3", "streaming.boundary_weight=0.1"]),
+    ("overlap=3, boundary_weight=0.01", [*PINNED, "streaming.overlap=3", "streaming.boundary_weight=0.01"]),
+    ("overlap=3, boundary_weight=0.001", [*PINNED, "streaming.overlap=3", "streaming.boundary_weight=0.001"]),
 ]
 REWARDS = ["toy_quality", "toy_motion_long", "toy_text"]
 
