@@ -100,8 +100,8 @@ class StreamingConfig:
     overlap: int = _f(0, "latent frames (whole blocks) of the committed history trained with each window, beyond the paper: the NFT loss covers the new frames, and θ's x̂0 of the overlap is pulled toward the committed frames (boundary_weight), against seams at window boundaries; 0 = off")
     # The term is a flow-matching regression onto the policy's own samples: unlike the NFT loss, whose gradient is
     # 2β(2r − 1)·e and vanishes at r = ½, it pulls at every σ, toward a posterior mean (the blur of nft.md §1.11).
-    # On the toy world the NFT gradient's norm is ~2e-5, so weights ≥ 0.01 make the update all boundary term: the
-    # training reward falls and the late windows collapse (bench/streaming_ablations.md); 1e-3 is about neutral.
+    # On the toy world the NFT gradient's norm is ~4e-5, so weights ≥ 0.01 make the update all boundary term: the
+    # training reward falls and late windows collapse (bench/streaming_ablations.md); at 1e-3 nothing collapses.
     boundary_weight: float = _f(1e-3, "weight of the boundary-consistency term ‖x̂0_θ − x0‖² on the overlap frames (with overlap > 0); calibrate it against the NFT gradient (train/grad_norm with overlap 0): a term that dominates it degrades a distilled model")
     decode_warmup: int = _f(0, "latent frames of history fed to the decoder's causal cache before the window is decoded; 0 = the whole history (exact)")
 
