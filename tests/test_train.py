@@ -235,8 +235,9 @@ STREAMING_SELECTIVE = [
 ]
 
 
-@pytest.mark.parametrize("extra", [[], STREAMING_SELECTIVE, [*STREAMING_SELECTIVE, "dist.strategy=fsdp2"]],
-                         ids=["clip", "streaming+selective", "streaming+fsdp2"])
+@pytest.mark.parametrize("extra", [[], STREAMING_SELECTIVE, [*STREAMING_SELECTIVE, "dist.strategy=fsdp2"],
+                                   [*STREAMING_SELECTIVE, "dist.strategy=fsdp2", "streaming.history_kv=old"]],
+                         ids=["clip", "streaming+selective", "streaming+fsdp2", "streaming+fsdp2+history_kv_old"])
 def test_two_processes_agree_with_one(tmp_path, extra):
     # streaming averages DDP's gradients by hand, FSDP2 reduces them in the blocks' hooks that the window passes'
     # cached calls fire, and selective KL gathers every rank's rewards before it selects
