@@ -104,7 +104,8 @@ for name, value, bar, ratio in rows:
     if not full_size:
         ratio = "" if ratio.endswith(("public", "official-style")) else ratio
         bar = ""
-    print(f"{name:<36} {value:>10.3f}  {bar:<12} {ratio}")
+    # %.4g, not a fixed number of decimals: a sub-millisecond timing must not print as 0.000 (issue 26)
+    print(f"{name:<36} {value:>10.4g}  {bar:<12} {ratio}")
 failed = [n for n in ("rollout", "train_step", "streaming_memory", "rewards") if (load(n) or {}).get("failed")]
 sys.exit(1 if failed else 0)
 PY

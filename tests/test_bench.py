@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "rollout.py"
 
 
+def _measured(x) -> bool:
+    """A timing or a memory figure: a finite number >= 0. Never > 0: a sub-millisecond step on a quiet machine is
+    a valid measurement, and how fast a machine is belongs in a benchmark's JSON line, not in an assertion."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
 def _positive(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+    """A figure that is zero only when nothing was measured (a rate over frames, a cache's size)."""
+    return _measured(x) and x > 0
 
 
 def test_rollout_bench_tiny_emits_one_json_line():
@@ -42,7 +50,9 @@ def test_rollout_bench_tiny_emits_one_json_line():
     results = out["results"]
     assert [r["batch"] for r in results] == [1, 8]
     for r in results:
-        for key in ("dit_s_median", "dit_frames_per_s", "peak_mem_gb", "cache_kv_gb", "text_kv_s_median"):
+        for key in ("dit_s_median", "peak_mem_gb", "text_kv_s_median"):
+            assert _measured(r[key]), (key, r)
+        for key in ("dit_frames_per_s", "cache_kv_gb"):
             assert _positive(r[key]), (key, r)
         assert math.isclose(r["dit_frames_per_s"], r["batch"] * out["pixel_frames"] / r["dit_s_median"])
 
@@ -55,10 +65,13 @@ def test_gpu_suite_tiny_runs_on_a_cpu_and_prints_one_table():
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("gpu_suite on cpu") and "do not apply" in lines[1]
     table = {line[:36].strip(): line[36:].split() for line in lines[3:]}
-    for measure in ("rollout b1 DiT frames/s", "rollout b8 end-to-end frames/s", "decode b8 s/video",
-                    "sampling-copy merge s", "train step s/sample", "reward aesthetic s/video",
+    for measure in ("decode b8 s/video", "sampling-copy merge s", "train step s/sample", "reward aesthetic s/video",
                     "streaming 81 frames step s", "streaming 240 frames step s"):
-        assert _positive(float(table[measure][0])), measure
+        assert _measured(float(table[measure][0])), measure
+    for measure in ("rollout b1 DiT frames/s", "rollout b8 end-to-end frames/s"):
+        assert _positive(float(table[measure][0])), measure  # frames over a finite time
+    # printed with significant digits, so a timing too small for three decimals still reads as what it is
+    assert all(re.fullmatch(r"-?[\d.]+(e[-+]\d+)?|nan|inf", row[0]) for row in table.values()), table
     assert "x public" not in proc.stdout  # no anchor ratios for a tiny CPU run
 
 
@@ -72,7 +85,7 @@ def test_rollout_bench_recipe_path_is_the_merged_sampling_copy(monkeypatch):
     real = Policy.sampling_model
     monkeypatch.setattr(Policy, "sampling_model", lambda self: built.append(real(self)) or built[-1])
     out = bench_rollout.main(["--tiny", "--repeats", "1", "--warmup", "0", "--batches", "1", "--decode", "none"])
-    assert out["path"] == "recipe" and out["lora_rank"] == 4 and _positive(out["merge_s_median"])
+    assert out["path"] == "recipe" and out["lora_rank"] == 4 and _measured(out["merge_s_median"])
     assert built  # the timed sampler ran through Policy.sampling_model
     base = bench_rollout.main(["--tiny", "--repeats", "1", "--warmup", "0", "--batches", "1", "--decode", "none",
                                "--path", "base"])

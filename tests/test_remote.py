@@ -83,14 +83,17 @@ def test_a_failing_item_fails_alone(server):
 
 def test_timeout_is_bounded_and_then_fails_fast(server):
     remote = RemoteReward(server.url, "slow", timeout=0.3, retries=1, backoff=0.05, cooldown_s=60)
-    start = time.monotonic()
+    sent = []
+    send = remote._send
+    remote._send = lambda body: sent.append(body) or send(body)
+    # both 0.3 s attempts time out: had the client waited for the 2 s reward it would have got an answer
     with pytest.raises(RemoteRewardError, match="failed after 2 attempts.*timed out"):
         remote(videos(1), ["a"])
-    assert time.monotonic() - start < 1.9  # two 0.3 s attempts, never the 2 s the reward takes
-    start = time.monotonic()
+    assert len(sent) == 2
+    # then it fails fast: no request reaches the server during the cooldown (counted, not timed: issue 26)
     with pytest.raises(RemoteRewardError, match="failed recently"):
         remote(videos(1), ["a"])
-    assert time.monotonic() - start < 0.1
+    assert len(sent) == 2
     # inside the trainer a transport failure becomes NaN scores plus an error message, never a crash
     scores, errors = score_all({"slow": remote}, videos(2), ["a", "b"])
     assert torch.isnan(scores["slow"]).all() and "failed recently" in errors["slow"]
@@ -189,7 +192,7 @@ def test_a_slow_client_gets_408_at_the_deadline_however_it_trickles(stage):
     sent_at_once, trickled = {"idle": (b"", b""), "headers": (b"", head), "body": (head, b"{" * 100)}[stage]
     with RewardServer({"mean": FunctionReward("mean", mean_value)}, request_timeout=0.5) as srv:
         host, port = srv.url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=3.0) as sock:
+        with socket.create_connection((host, int(port)), timeout=10.0) as sock:
             stop = threading.Event()
 
             def trickle() -> None:
@@ -212,7 +215,9 @@ def test_a_slow_client_gets_408_at_the_deadline_however_it_trickles(stage):
                 thread.join(timeout=2)
             elapsed = time.monotonic() - start
             assert status == 408 and "within 0.5 s" in answer["error"], answer
-            assert 0.4 < elapsed < 1.5, elapsed
+            # never before the deadline; the upper bound is loose (a loaded machine answers late) and still far
+            # below the 8-10 s a client trickling the whole request would take without one
+            assert 0.4 < elapsed < 5.0, elapsed
             assert sock.recv(1) == b""  # and the connection is closed
         # a well-behaved client is served as before
         torch.testing.assert_close(RemoteReward(srv.url, "mean")(videos(1), ["a"]), quantised_mean(videos(1)))

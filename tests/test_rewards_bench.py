@@ -23,5 +23,5 @@ def test_reward_bench_tiny_emits_one_json_line(monkeypatch, capsys):
     assert [r["reward"] for r in out["results"]] == ["clipscore", "flow", "videoalign"]
     for r in out["results"]:
         for key in ("latency_s_per_video", "call_s_median", "peak_mem_gb"):
-            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+            assert math.isfinite(r[key]) and r[key] >= 0, (key, r)  # a fast machine may time ~0: issue 26
         assert r["weights_gb"] is None  # measured on CUDA only

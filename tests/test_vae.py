@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -161,6 +162,7 @@ def test_rollout_bench_reports_the_decode_split(capsys):
     """``bench/rollout.py --tiny`` times our decode against diffusers' and checks they agree."""
     import importlib.util
     import json
+    import math
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("bench_rollout", Path(__file__).parents[1] / "bench" / "rollout.py")
@@ -171,7 +173,8 @@ def test_rollout_bench_reports_the_decode_split(capsys):
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(out))
     assert out["decode"] == "fast" and out["decode_chunk"] == 3
     (row,) = out["results"]
-    assert row["decode_max_abs_diff"] < 1e-4 and row["decode_s_median"] > 0 and row["decode_speedup"] > 0
+    assert row["decode_max_abs_diff"] < 1e-4  # timings and their ratio: reported, not asserted (issue 26)
+    assert all(math.isfinite(row[k]) and row[k] >= 0 for k in ("decode_s_median", "decode_speedup"))
     total = row["dit_s_median"] + row["decode_s_median"]
     assert row["frames_per_s"] == pytest.approx(2 * out["pixel_frames"] / total)
     assert row["decode_share"] == pytest.approx(row["decode_s_median"] / total)
