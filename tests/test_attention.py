@@ -72,3 +72,38 @@ def test_unknown_backend():
     q = torch.randn(1, 4, 1, 8)
     with pytest.raises(ValueError, match="unknown attention backend"):
         attention(q, q, q, None, backend="xformers")
+
+
+@pytest.mark.parametrize("case", ["teacher_forcing", "window_sink"])
+def test_grouped_sdpa_equals_one_call_with_the_dense_mask_values_and_gradients(case):
+    """The CPU path runs one unmasked SDPA per group of query frames with the same visible keys; it must equal the
+    dense boolean mask it replaces, forward and backward."""
+    import torch.nn.functional as F
+
+    if case == "teacher_forcing":
+        bounds = block_bounds(6, 2)
+        layout = FrameLayout.of_blocks(bounds) + FrameLayout.of_blocks(bounds, noisy=True)
+        frames = frame_mask(layout, layout)
+    else:
+        layout = FrameLayout.of_blocks(block_bounds(6, 1), sink_frames=1)
+        frames = frame_mask(layout, layout, window_frames=3, sink_frames=1)
+    t = 4
+    mask = AttentionMask(frames, tokens_per_frame=t)
+    assert 1 < len(mask.groups) < frames.shape[0] or case == "window_sink"
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, frames.shape[0] * t, 3, 8, generator=g, requires_grad=True) for _ in range(3))
+    weight = torch.randn(2, frames.shape[0] * t, 3, 8, generator=g)
+    dense = frames.repeat_interleave(t, 0).repeat_interleave(t, 1)
+    ref = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=dense).transpose(1, 2)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    out = attention(q, k, v, mask, backend="sdpa")
+    grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_a_query_frame_that_sees_nothing_is_an_error():
+    frames = torch.tensor([[True, False], [False, False]])
+    with pytest.raises(ValueError, match="sees no key frame"):
+        attention(*(torch.randn(1, 4, 1, 8) for _ in range(3)), AttentionMask(frames, 2), backend="sdpa")
