@@ -1,13 +1,14 @@
 """The shipped toy DiT: where its weights live, how they are saved and loaded, and the toy family's loader.
 
-The geometry is the ``toy`` family preset (`models.families.TOY_WAN`); the weights are a plain safetensors state
-dict with the original Wan key names, stored in float16 and loaded into float32. `LOADER` is what the ``toy``
-family's preset names (`models.build.FamilyLoader`): the shipped weights (or ``--checkpoint``), the word-table text
+The geometry is the ``toy`` family preset (`models.families.TOY_WAN`), recorded in each file's metadata (a file
+built with another geometry loads as built); the weights are a plain safetensors state dict with the original Wan
+key names, stored in float16 and loaded into float32. `LOADER` is what the ``toy`` family's preset names (`models.build.FamilyLoader`): the shipped weights (or ``--checkpoint``), the word-table text
 encoder and the exact toy VAE, so ``generate``, ``evaluate``, ``merge-lora`` and training build it like any family.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from astrolabe_rl.models.families import Family, get_family
-from astrolabe_rl.models.wan import CausalWan
+from astrolabe_rl.models.wan import CausalWan, WanConfig
 
 if TYPE_CHECKING:
     from astrolabe_rl.models.build import ModelSource
@@ -34,8 +35,22 @@ def save_weights(model: CausalWan, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, path, metadata={"format": "wan-original", "family": "toy"})
+    # the geometry travels with the weights, so a file built with another (a bed being tried) loads as built
+    config = json.dumps(model.config.to_dict())
+    save_file(state, path, metadata={"format": "wan-original", "family": "toy", "config": config})
     return path
+
+
+def toy_config(path: str | Path) -> WanConfig:
+    """The geometry a toy weights file was built with: its ``config`` metadata, else the ``toy`` preset's."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        return get_family("toy").model
+    fields = json.loads(meta["config"])
+    return WanConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def load_toy_model(path: str | Path | None = None, device: torch.device | str = "cpu",
@@ -50,7 +65,7 @@ def load_toy_model(path: str | Path | None = None, device: torch.device | str = 
             "`python -m astrolabe_rl.toy.pretrain` (toy_fm, about 50 minutes on 2 CPU cores), then "
             "`python -m astrolabe_rl.toy.distill` (toy, about 10 minutes more)"
         )
-    model = CausalWan(get_family("toy").model)
+    model = CausalWan(toy_config(path))
     state = load_file(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -39,6 +39,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,7 +49,7 @@ from astrolabe_rl.models.families import get_family
 from astrolabe_rl.models.schedule import shift_sigma, sigma_of
 from astrolabe_rl.models.wan import CausalWan
 from astrolabe_rl.toy import vae, world
-from astrolabe_rl.toy.model import FM_WEIGHTS, load_toy_model, save_weights
+from astrolabe_rl.toy.model import FM_WEIGHTS, load_toy_model, save_weights, toy_config
 from astrolabe_rl.toy.text import ToyTextEncoder
 
 DEFAULTS = dict(steps=2400, batch=16, lr=1e-3, warmup=50, weight_decay=0.01, ema=0.995, seed=0, caption_noise=0.25)
@@ -178,7 +179,7 @@ def pretrain(
     steps: int, batch: int, lr: float, warmup: int, weight_decay: float, ema: float, seed: int, caption_noise: float,
     out: Path, log_every: int = 50, save_every: int = 100, bidirectional: bool = False, init: Path | None = None,
     mean_target: bool = True, uniform_sigma_share: float = 0.0, first_block_sigma1: float = 0.0,
-    long_frames: int = 0,
+    long_frames: int = 0, geometry: dict | None = None,
 ) -> dict:
     """Train from scratch (or from the weights file ``init``) and write ``out`` (+ ``out.json`` with the recipe and
     results). Returns the record.
@@ -193,6 +194,8 @@ def pretrain(
     step of a rollout that sees neither context nor signal, where the prompt alone must place the object.
     ``long_frames``: train on windows of long bouncing videos up to that many frames (`batch_of`; the long
     teacher of `toy.distill --long`), not on the world's centred clips.
+    ``geometry``: `WanConfig` fields that replace the ``toy`` preset's for a model trained from scratch (a bed being
+    tried, e.g. ``{"patch_size": [1, 1, 1]}``); with ``init`` the geometry is the init file's.
 
     Every ``save_every`` steps the full state (weights, EMA, optimiser, schedule, data/noise generator, curve) goes
     to ``out.with_suffix(".state.pt")``; a run started with the same arguments resumes from it bit-exactly, so an
@@ -200,7 +203,9 @@ def pretrain(
     """
     family = get_family("toy")
     torch.manual_seed(seed)
-    model = CausalWan(family.model)
+    config = toy_config(init) if init is not None else replace(
+        family.model, **{k: tuple(v) if isinstance(v, list) else v for k, v in (geometry or {}).items()})
+    model = CausalWan(config)
     if init is not None:
         model.load_state_dict(load_toy_model(init).state_dict())
     encoder = ToyTextEncoder()
@@ -217,7 +222,7 @@ def pretrain(
     run = {"step": 0, "running": None, "history": [], "wall": 0.0, "cpu": 0.0,
            "args": [steps, batch, lr, warmup, weight_decay, ema, seed, caption_noise, bidirectional,
                     None if init is None else str(init), mean_target, uniform_sigma_share, first_block_sigma1,
-                    *([long_frames] if long_frames else [])]}
+                    *([long_frames] if long_frames else []), *([geometry] if geometry else [])]}
     state_file = out.with_suffix(".state.pt")
     if state_file.is_file():
         run = _resume(state_file, run, model, shadow, opt, sched, g)
@@ -265,7 +270,7 @@ def pretrain(
         # measured on the saved float16 EMA weights, so a loaded model reproduces it
         "val_loss": round(validation_loss(load_toy_model(out), encoder, grid, shift, bidirectional), 5),
         "wall_s": round(run["wall"], 1), "cpu_s": round(run["cpu"], 1), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "model": family.model.to_dict(), "world": world.WORLD.__dict__,
+        "torch": torch.__version__, "model": model.config.to_dict(), "world": world.WORLD.__dict__,
         "vae": {"factor": vae.FACTOR, "scale": vae.SCALE}, "train_prompts": len(prompts), "curve": run["history"],
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
@@ -303,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="probability that each of a clip's colour/shape/direction/speed differs from its caption")
     p.add_argument("--stage2-steps", type=int, default=STAGE2["steps"],
                    help="steps of stage 2, the first-block fine-tune (0: ship stage 1 as it is)")
+    p.add_argument("--geometry", type=json.loads, default=None,
+                   help='JSON of WanConfig fields replacing the toy preset\'s for stage 1, e.g. \'{"patch_size": [1, 1, 1]}\'')
     p.add_argument("--work", type=Path, default=Path("runs/toy_pretrain"),
                    help="folder of stage 1's weights and both stages' state files (a rerun resumes from them)")
     p.add_argument("--out", type=Path, default=FM_WEIGHTS,
@@ -311,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     stage1 = args.work / "stage1.safetensors" if args.stage2_steps else args.out
     if not stage1.with_suffix(".json").is_file():
         pretrain(args.steps, args.batch, args.lr, args.warmup, args.weight_decay, args.ema, args.seed,
-                 args.caption_noise, stage1)
+                 args.caption_noise, stage1, geometry=args.geometry)
     record = json.loads(stage1.with_suffix(".json").read_text())
     if args.stage2_steps:
         s2 = STAGE2 | {"steps": args.stage2_steps}
