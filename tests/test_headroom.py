@@ -1,5 +1,5 @@
-"""What a reward can buy before RL (issue 27, item 1): reranking, within-group rank agreement and diversity against
-hand computations, and `bench/headroom.py --quick` end to end."""
+"""What a reward can buy before RL (issue 27, items 1 and 3): reranking, within-group rank agreement and diversity
+against hand computations, `bench/headroom.py --quick` end to end, and the demo's best-of-4 bar on made-up scores."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -139,3 +140,54 @@ def test_the_markdown_table_replaces_a_models_rows_and_keeps_the_text(tmp_path):
     (tmp_path / "other.md").write_text("# something else\n")
     with pytest.raises(ValueError, match="no headroom table"):
         bench.update_markdown(tmp_path / "other.md", ["| toy | test | d |"])
+
+
+# ------------------------------------------------------------------------------------------------ the demo's bar
+
+
+def test_the_demos_best_of_4_reranks_by_the_training_total_never_the_oracle(monkeypatch):
+    """`base_best_of` draws 3 more base samples per (prompt, seed) at fresh draws, picks by the training total (ties:
+    the first), and never calls the oracle."""
+    from astrolabe_rl.rewards.base import FunctionReward
+    from astrolabe_rl.toy import demo, oracle
+
+    prompts, seeds = ["p0", "p1"], [0, 1]
+    draws = []
+
+    def fake_videos(world, which, prompts_, seeds_):  # one constant video per (prompt, draw): its value = the draw
+        assert which == "base"
+        draws.append(list(seeds_))
+        return torch.tensor([float(s % 3) for _ in prompts_ for s in seeds_]).view(-1, 1, 1, 1, 1).expand(-1, 2, 3, 4, 4)
+
+    def no_oracle(*args, **kwargs):
+        raise AssertionError("reranking read the oracle")
+
+    monkeypatch.setattr(demo, "held_out_videos", fake_videos)
+    monkeypatch.setattr(oracle, "oracle_scores", no_oracle)
+    world = SimpleNamespace(rewards={"r": FunctionReward("r", lambda v, p: v.mean(dim=(1, 2, 3, 4)))},
+                            monitors={}, weights={"r": 1.0})
+    first = torch.full((4, 2, 3, 4, 4), 1.0)  # the `before` videos: value 1 for every (prompt, seed)
+    best, chosen = demo.base_best_of(world, prompts, seeds, first)
+    assert draws == [[2, 3], [4, 5], [6, 7]]  # draws s + j·(max(seeds) + 1), j = 1..3: none an evaluation seed
+    # candidates' values per seed s: [1 (first), (s+2)%3, (s+4)%3, (s+6)%3] -> s=0: [1, 2, 1, 0]; s=1: [1, 0, 2, 1]
+    assert chosen.tolist() == [1, 2, 1, 2]
+    assert best.flatten(1).mean(1).tolist() == [2.0, 2.0, 2.0, 2.0]
+
+
+def test_rl_minus_best_of_4_is_the_paired_oracle_difference():
+    from astrolabe_rl.toy.demo import versus_best_of
+    from astrolabe_rl.toy.oracle import ATTRIBUTES
+
+    names = ["oracle/oracle", *(f"oracle/{a}" for a in (*ATTRIBUTES, "agreement", "render")), "total"]
+    after = {n: torch.tensor([0.6, 0.5, 0.7, 0.4]) for n in names}
+    best = {n: torch.tensor([0.5, 0.5, 0.6, 0.6]) for n in names}
+    best["oracle/colour"] = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    got = versus_best_of(after, best, torch.tensor([0, 1, 3, 0]))
+    delta = torch.tensor([0.1, 0.0, 0.1, -0.2], dtype=torch.float64)
+    assert got["rl_minus_best_of_4"] == pytest.approx(-0.0, abs=1e-9)
+    assert got["rl_minus_best_of_4_se"] == pytest.approx(float(delta.std() / 2), abs=1e-4)
+    block = got["best_of_4"]
+    assert block["oracle"] == {"after": 0.55, "best_of_4": 0.55, "delta": 0.0, "delta_se": round(float(delta.std() / 2), 4)}
+    assert set(block["attributes"]) == {*ATTRIBUTES, "agreement", "render"}
+    assert block["attributes"]["colour"]["delta"] == pytest.approx(0.05)
+    assert block["first_candidate_chosen"] == 0.5 and block["selected_by"] == "total"

@@ -291,6 +291,17 @@ def test_reduced_quick_demo_is_judged_on_the_oracle(tmp_path, _single_process):
     assert [c["epoch"] for c in curve] == [0, 5, 10]
     best = max(curve[1:], key=lambda c: c["oracle"])
     assert summary["selected"]["epoch"] == best["epoch"]
+    # RL against reranking (issue 27): the after oracle beside the base's best of 4 chosen by the training total
+    from astrolabe_rl.toy.oracle import ATTRIBUTES
+
+    block = summary["best_of_4"]
+    assert block["oracle"]["after"] == pytest.approx(oracle["after"], abs=2e-4)
+    assert summary["rl_minus_best_of_4"] == pytest.approx(block["oracle"]["after"] - block["oracle"]["best_of_4"],
+                                                          abs=2e-4)
+    assert summary["rl_minus_best_of_4_se"] >= 0
+    assert set(block["attributes"]) == {*ATTRIBUTES, "agreement", "render"}
+    assert all(set(v) == {"after", "best_of_4", "delta", "delta_se"} for v in block["attributes"].values())
+    assert block["total"]["best_of_4"] >= summary["rewards"]["total"]["before"] - 2e-4  # chosen by the total
     if summary["oracle_worse"] or not oracle["after"] > oracle["before"]:
         pytest.xfail(f"issue 14's open bar: oracle {oracle['before']} -> {oracle['after']}, "
                      f"worse: {summary['oracle_worse']}")

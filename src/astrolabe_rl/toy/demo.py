@@ -20,6 +20,12 @@ tuned on; balanced in direction and speed) at fixed seeds:
   render-likeness: what no run optimises), with the oracle attributes that got worse (fell by more than two standard
   errors of the paired change); beside it every proxy reward, their combined gap closed, the monitors, and the KL to
   the base at a fixed σ set;
+* RL against reranking, ``rl_minus_best_of_4`` (± its paired standard error ``rl_minus_best_of_4_se``): the ``after``
+  oracle minus that of the base's best of 4 samples chosen by the training total (`base_best_of`; candidate 0 is the
+  ``before`` video of the same prompt and seed, the others fresh base draws), and per oracle attribute the same
+  delta and SE (``best_of_4``). A policy that does not beat picking the best of a few of its base's own samples by
+  the reward it was trained on has not aligned anything (DESIGN §4). The reranking reads the training total only;
+  the oracle only judges;
 * ``out/grid-seed<s>.png``: labelled stills, a row per test prompt, columns base / after / renders, a few frames
   per cell;
 * ``out/curves.png``: training reward, dev-split reward (with the base and renders levels), KL to the base and the
@@ -44,6 +50,7 @@ from torch import Tensor
 
 MONITORS = ["toy_noise", "brightness", "saturation"]
 HACK_MONITOR = "toy_noise"
+BEST_OF = 4  # the reranking bar: the base's best of this many samples by the training total (`base_best_of`)
 
 # Each preset: overrides of configs/demo.yaml (the full run) and the held-out evaluation's size.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -80,10 +87,11 @@ def demo_config(out: Path, preset: str = "full", epochs: int | None = None, seed
 def held_out_videos(world: Any, which: str, prompts: list[str], seeds: list[int]) -> Tensor:
     """Videos ``[N, T, 3, H, W]`` of every held-out prompt × seed from the base (``"base"``) or the EMA
     (``"after"``) weights; the noise of sample (prompt i, seed s) is the same for both."""
+    from astrolabe_rl.toy.headroom import noise_seed
     from astrolabe_rl.train.recipe import sample_videos
 
     repeated = [p for p in prompts for _ in seeds]
-    noise_seeds = [10_000 * s + i for i in range(len(prompts)) for s in seeds]
+    noise_seeds = [noise_seed(i, s) for i in range(len(prompts)) for s in seeds]
     with world.policy.use("base") if which == "base" else world.policy.ema_weights() as model:
         text = world.io.encode(repeated)
         return torch.cat([videos for _, _, videos in sample_videos(world, model, text, noise_seeds)])
@@ -129,6 +137,52 @@ def compare(before: dict[str, Tensor], after: dict[str, Tensor], real: dict[str,
                      "delta": round(a - b, 4), "delta_se": round(se, 4),
                      "gap_closed": round((a - b) / (r - b), 3) if abs(r - b) > 1e-9 else None}
     return out
+
+
+@torch.no_grad()
+def base_best_of(world: Any, prompts: list[str], seeds: list[int], first: Tensor, n: int = BEST_OF) -> tuple[Tensor, Tensor]:
+    """Reranking, the bar RL is judged against: for every held-out (prompt, seed s) the base's best of ``n`` samples
+    by the training total (`proxy_scores`' ``total``; never the oracle). Candidate 0 is ``first`` (the base's videos
+    ``[N, T, 3, H, W]`` from `held_out_videos`, noise of (prompt, s)); candidate j ≥ 1 is the base's draw
+    ``s + j·(max(seeds) + 1)`` of the prompt (`toy.headroom.noise_seed`), fresh noise no evaluation uses.
+
+    Returns the chosen videos ``[N, T, 3, H, W]`` and which candidate each is ``[N]`` (ties: the earliest)."""
+    from astrolabe_rl.toy.headroom import best_of_n_index
+
+    step = max(seeds) + 1
+    candidates = [first, *(held_out_videos(world, "base", prompts, [s + j * step for s in seeds]) for j in range(1, n))]
+    repeated = [p for p in prompts for _ in seeds]
+    totals = torch.stack([proxy_scores(world, c, repeated)["total"].float().cpu() for c in candidates], dim=1)  # [N, n]
+    chosen = best_of_n_index(totals, n)
+    return torch.stack(candidates, dim=1)[torch.arange(len(chosen)), chosen], chosen
+
+
+def versus_best_of(after: dict[str, Tensor], best: dict[str, Tensor], chosen: Tensor) -> dict[str, Any]:
+    """RL against reranking on the oracle: the RL'd policy's single sample against the base's best of `BEST_OF` by
+    the training total, paired by (prompt, seed) (`score` outputs of both, ``chosen``: `base_best_of`'s indices).
+
+    ``rl_minus_best_of_4`` = mean(after oracle) − mean(best-of-4 oracle) with the standard error of the paired
+    difference; ``best_of_4`` holds both means, the same for every oracle attribute, agreement and render, the
+    training total of both (what each optimised), and how often the first candidate was the chosen one."""
+    from astrolabe_rl.toy.oracle import ATTRIBUTES
+
+    def paired(name: str) -> dict[str, float]:
+        a, b = after[name].double(), best[name].double()
+        delta = a - b
+        se = float(delta.std(correction=1) / math.sqrt(delta.numel())) if delta.numel() > 1 else float("nan")
+        return {"after": round(float(a.mean()), 4), f"best_of_{BEST_OF}": round(float(b.mean()), 4),
+                "delta": round(float(delta.mean()), 4), "delta_se": round(se, 4)}
+
+    head = paired("oracle/oracle")
+    return {
+        f"rl_minus_best_of_{BEST_OF}": head["delta"], f"rl_minus_best_of_{BEST_OF}_se": head["delta_se"],
+        f"best_of_{BEST_OF}": {
+            "selected_by": "total", "oracle": head,
+            "attributes": {a: paired(f"oracle/{a}") for a in (*ATTRIBUTES, "agreement", "render")},
+            "total": paired("total"),
+            "first_candidate_chosen": round(float((chosen == 0).double().mean()), 4),
+        },
+    }
 
 
 def headline(results: dict[str, Any]) -> dict[str, Any]:
@@ -287,15 +341,18 @@ class DevSelection:
 
 
 def summarise(world: Any, results: dict[str, Any], prompts: list[str], seeds: list[int], preset: str,
-              split: str = "test") -> dict[str, Any]:
-    """The demo's JSON summary: the oracle headline first, then every oracle figure, the optimised proxies (and
-    their gap closed), the monitors, and the KL to the base (with the σ it was measured at)."""
+              split: str = "test", versus: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The demo's JSON summary: the oracle headlines first (the gap closed; RL against the base's best of 4 when
+    ``versus``, `versus_best_of`'s output, is given), then every oracle figure, the optimised proxies (and their gap
+    closed), the monitors, and the KL to the base (with the σ it was measured at)."""
     from astrolabe_rl.train.logging import read_metrics
 
     metrics = read_metrics(Path(world.cfg.run_dir) / "metrics.jsonl")
     kls = [v for v in metrics.get("eval/kl_base", ([], []))[1] if not math.isnan(v)]
+    versus = versus or {}
     return {
         **headline(results),
+        **{k: v for k, v in versus.items() if k.startswith("rl_minus_")},
         "demo": preset, "epochs": world.cfg.train.epochs, "seed": world.cfg.train.seed,
         f"{split}_split": {"prompts": len(prompts), "seeds": seeds},
         "oracle": {k.removeprefix("oracle/"): v for k, v in results.items() if k.startswith("oracle/")},
@@ -306,6 +363,7 @@ def summarise(world: Any, results: dict[str, Any], prompts: list[str], seeds: li
         "hack_monitor": results[HACK_MONITOR],
         "rewards": {n: results[n] for n in [*world.rewards, "total"]},
         "monitors": {n: results[n] for n in world.monitors},
+        **{k: v for k, v in versus.items() if not k.startswith("rl_minus_")},
     }
 
 
@@ -342,8 +400,11 @@ def run_demo(out: str | Path | None = None, quick: bool = False, epochs: int | N
             recipe.export_adapter(world)  # the adapter on disk is the one the demo reports
         videos["after"] = held_out_videos(world, "after", prompts, seeds)
         videos["real"] = real_videos(prompts, seeds)
-        held["results"] = compare(*(score(world, videos[k], prompts, seeds) for k in ("before", "after", "real")))
-        held["summary"] = {**summarise(world, held["results"], prompts, seeds, preset, split),
+        scored = {k: score(world, videos[k], prompts, seeds) for k in ("before", "after", "real")}
+        held["results"] = compare(scored["before"], scored["after"], scored["real"])
+        best, chosen = base_best_of(world, prompts, seeds, videos["before"])  # chosen by the training total
+        versus = versus_best_of(scored["after"], score(world, best, prompts, seeds), chosen)
+        held["summary"] = {**summarise(world, held["results"], prompts, seeds, preset, split, versus),
                            "selected": dev.selected(world, select_best)}
         held["prompts"] = prompts
 
