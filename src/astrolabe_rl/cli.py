@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from typing import Callable
 
 # command -> (the module whose ``add_parser`` registers it, the one-line help the command list shows)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -39,10 +41,24 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv[:1]).parse_args(argv)  # the command is the first word
+    return run(args.func, args)
+
+
+def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command; a problem the user fixes (`errors.user_message`) is printed as one ``error:`` line (exit 2),
+    anything else is a bug and raises with its traceback (``ASTROLABE_TRACEBACK=1`` shows every traceback)."""
+    from astrolabe_rl.errors import user_message
+
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # user-fixable problems carry a message that says what to change
-        print(f"error: {e}", file=sys.stderr)
+        return func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - sorted below: the user's problem, or a bug that keeps its traceback
+        message = user_message(e)
+        if message is None or os.environ.get("ASTROLABE_TRACEBACK"):
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
         return 2
 
 

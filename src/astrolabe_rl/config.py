@@ -32,6 +32,7 @@ class ModelConfig:
     wan_dir: str | None = _f(None, "Wan2.1-T2V-1.3B folder (umT5 encoder + tokenizer + VAE) for real models")
     lora: str | None = _f(None, "LoRA merged into the base before training (LongLive's lora.pt)")
     init_seed: int = _f(0, "seed of random weights (tiny model) and of the tiny text encoder / VAE")
+    trust_checkpoint: bool = _f(False, "allow pickled Python objects in .pt checkpoints (unpickling can run code: only for files you trust)")
     dtype: str = _f("auto", "weights and activations: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16")
     device: str = _f("auto", "auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")
     attn_backend: str = _f("auto", "attention kernel: auto, sdpa, flex")
@@ -327,31 +328,48 @@ def _yaml_error(where: str, error: Exception) -> str:
     return f"{place}: malformed YAML: {problem}" + (f" ({context})" if context else "")
 
 
+def yaml_load(text: str, where: str) -> Any:
+    """Parse YAML safely, refusing a key given twice in one mapping (plain YAML keeps the last one silently, so a
+    duplicated ``lr:`` would drop the first without a word); errors are one-line ValueErrors naming ``where``."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first at line {seen[key].line + 1}); keep one",
+                    key_node.start_mark)
+            seen.setdefault(key, key_node.start_mark)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                           lambda loader, node: mapping(loader, node, deep=True))
+    try:
+        return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ValueError(_yaml_error(where, e)) from None
+
+
 def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-5)")
     key, raw = item.split("=", 1)
-    import yaml
-
-    try:
-        return key.strip(), yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise ValueError(_yaml_error(f"override {item!r} (value)", e)) from None
+    return key.strip(), yaml_load(raw, f"override {item!r} (value)") if raw.strip() else None
 
 
 def _read_yaml_file(p: Path) -> Any:
     """Parse a YAML file; a binary file or a syntax error becomes a one-line ValueError naming the file."""
-    import yaml
-
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"config file {p} is not UTF-8 text (undecodable byte at offset {e.start}); "
                          "give a YAML file") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ValueError(_yaml_error(str(p), e)) from None
+    return yaml_load(text, str(p))
 
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # the shipped recipes (the checkout's configs/)
@@ -365,8 +383,10 @@ def find_config(path: str | Path) -> Path:
     packaged = PACKAGED_CONFIGS / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
     if packaged.is_file() and p.parent in (Path("."), Path("configs")):
         return packaged
+    from astrolabe_rl.errors import path_problem
+
     shipped = ", ".join(sorted(f.stem for f in PACKAGED_CONFIGS.glob("*.yaml")))
-    raise ValueError(f"config file {p} does not exist (shipped recipes, usable by name: {shipped})")
+    raise ValueError(f"{path_problem(p, 'config file')} (shipped recipes, usable by name: {shipped})")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -345,7 +345,8 @@ def _adapter_file(path: str | Path) -> Path:
     p = Path(path)
     p = p / "adapter_model.safetensors" if p.is_dir() else p
     if not p.is_file():
-        raise FileNotFoundError(f"LoRA file {p} does not exist")
+        hint = " (a peft folder holds adapter_model.safetensors)" if p.name == "adapter_model.safetensors" else ""
+        raise FileNotFoundError(f"LoRA file {p} does not exist{hint}")
     return p
 
 

@@ -266,19 +266,20 @@ def _family_lora(family: Family, source: ModelSource) -> Path | None:
 def check_official_files(family: Family, source: ModelSource, need_vae: bool = True) -> None:
     """Every file a real family needs, checked at once: one error lists each missing file, where it looked, and
     how to download it (before anything heavy loads)."""
+    from astrolabe_rl.errors import path_problem
     from astrolabe_rl.models.text import find_text_encoder_files
     from astrolabe_rl.models.vae import ORIGINAL_VAE_FILE
 
     problems = []
     download = DEFAULT_CHECKPOINTS.get(family.name)
     checkpoint = Path(source.checkpoint or (download.path if download else ""))
-    if not checkpoint.is_file():
+    if path_problem(checkpoint, "checkpoint"):
         how = f"; download: {download.command}" if download else ""
-        problems.append(f"checkpoint: {checkpoint} does not exist (pass --checkpoint PATH{how})")
+        problems.append(f"{path_problem(checkpoint, 'checkpoint:')} (pass --checkpoint PATH{how})")
     lora = _family_lora(family, source)
-    if lora is not None and not lora.is_file():
+    if lora is not None and path_problem(lora, "LoRA:"):
         how = f"; download: {download.command}" if download else ""
-        problems.append(f"LoRA: {lora} does not exist (pass --lora PATH, or --lora none for the base alone{how})")
+        problems.append(f"{path_problem(lora, 'LoRA:')} (pass --lora PATH, or --lora none for the base alone{how})")
     wan_dir = _wan_dir(source)
     try:
         find_text_encoder_files(wan_dir)

@@ -223,9 +223,12 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Any:
         FileNotFoundError: no such file.
         CheckpointError: truncated / corrupt file, or pickled objects without ``trust_pickle``.
     """
+    from astrolabe_rl.errors import path_problem
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    problem = path_problem(path, "checkpoint")
+    if problem:
+        raise FileNotFoundError(problem) if not path.exists() else CheckpointError(problem)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -233,10 +236,11 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Any:
             return load_file(str(path))
         return _torch_load(path, weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
+        if "Unsupported global" in str(e):  # objects a weights-only load refuses; anything else is a broken file
             raise CheckpointError(
                 f"{path} holds pickled Python objects besides tensors, which are not loaded by default because "
-                "unpickling can run code. If you trust the file, pass trust_pickle=True (CLI: --trust-checkpoint)."
+                "unpickling can run code. If you trust the file, allow them: trust_pickle=True (generate, evaluate "
+                "and merge-lora: --trust-checkpoint; train: model.trust_checkpoint=true)."
             ) from e
         raise _corrupt(path, e) from e
     except Exception as e:  # zip/safetensors readers raise assorted errors on a cut-off file
@@ -252,9 +256,19 @@ def _torch_load(path: Path, weights_only: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
 
 
+def load_error_detail(error: BaseException) -> str:
+    """The part of a loader's error worth quoting: torch's weights-only refusal without its advice to unpickle
+    anyway (the detail after ``WeightsUnpickler error:``), else the first line, at most 200 characters."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    detail = re.search(r"WeightsUnpickler error: *([^\n]*)", text)
+    if detail:
+        return (detail.group(1).strip() or "not a torch checkpoint")[:200]
+    return (text.strip().splitlines() or [""])[0][:200]
+
+
 def _corrupt(path: Path, e: Exception) -> CheckpointError:
     return CheckpointError(
-        f"could not read {path} ({path.stat().st_size:,} bytes): {type(e).__name__}: {str(e)[:200]}. "
+        f"could not read {path} ({path.stat().st_size:,} bytes): {type(e).__name__}: {load_error_detail(e)}. "
         "The file is truncated or corrupt (an interrupted download?) or not a torch / safetensors checkpoint: "
         "re-download it and compare its size with the published one."
     )

@@ -41,9 +41,12 @@ ORIGINAL_TOKENIZER_DIR = "google/umt5-xxl"
 
 def read_prompt_file(path: str | Path, what: str = "prompt file") -> list[str]:
     """One prompt per non-empty line (stripped); errors name the file and say what is wrong."""
+    from astrolabe_rl.errors import path_problem
+
     p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"{what} {p} does not exist")
+    problem = path_problem(p, what)
+    if problem:
+        raise ValueError(problem)
     data = p.read_bytes()
     if b"\0" in data:  # no prompt holds a NUL byte: an image, a video, an archive (or UTF-16 text)
         raise ValueError(f"{what} {p} is a binary file (it holds NUL bytes), not UTF-8 text with one prompt a line")

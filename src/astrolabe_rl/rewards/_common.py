@@ -167,20 +167,33 @@ def parse_reward_kwargs(text: str | None) -> dict[str, dict[str, Any]]:
         return {}
     path = Path(text).expanduser()
     if path.suffix in (".json", ".yaml", ".yml") and path.is_file():
-        if path.suffix == ".json":
-            obj = json.loads(path.read_text())
-        else:
-            import yaml
+        from astrolabe_rl.config import yaml_load
 
-            obj = yaml.safe_load(path.read_text())
-    else:
         try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--reward-kwargs is neither a .json/.yaml file nor JSON ({e}): {text!r}") from e
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"--reward-kwargs file {path} is not UTF-8 text") from None
+        obj = _json_strict(text, str(path)) if path.suffix == ".json" else yaml_load(text, str(path))
+    else:
+        obj = _json_strict(text, "--reward-kwargs (neither a .json/.yaml file nor JSON)")
     if not isinstance(obj, dict) or not all(isinstance(v, dict) for v in obj.values()):
         raise ValueError('reward kwargs must map reward names to keyword dicts, e.g. {"hpsv3": {"frames": 16}}')
     return obj
+
+
+def _json_strict(text: str, where: str) -> Any:
+    """``json.loads`` refusing a key given twice in one object (json keeps the last one silently)."""
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in items]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ValueError(f"{where}: key {twice[0]!r} is given twice in one object; keep one")
+        return dict(items)
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: malformed JSON: {e}") from None
 
 
 def build_rewards(names: list[str], kwargs: dict[str, dict[str, Any]], device: str | None = None,

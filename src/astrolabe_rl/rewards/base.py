@@ -109,17 +109,48 @@ _INSTANCES: dict[tuple, Reward] = {}
 
 def build_reward(name: str, **kwargs: Any) -> Reward:
     """Build a registered reward; identical (name, kwargs) share one instance (one model in memory)."""
-    _import_builtin()
-    if name not in _REGISTRY:
-        import difflib
-
-        close = difflib.get_close_matches(name, _REGISTRY, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown reward {name!r}.{hint} Available: {', '.join(sorted(_REGISTRY))}")
+    check_reward(name, kwargs)
     key = (name, repr(sorted(kwargs.items())))
     if key not in _INSTANCES:
         _INSTANCES[key] = _REGISTRY[name](**kwargs)
     return _INSTANCES[key]
+
+
+def check_reward(name: str, kwargs: dict[str, Any] | None = None) -> None:
+    """Raise a ValueError, before anything is built, for an unknown reward or a keyword its factory does not take
+    (each with a did-you-mean). A run checks its rewards this way before it writes anything."""
+    import difflib
+
+    _import_builtin()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown reward {name!r}.{hint} Available: {', '.join(sorted(_REGISTRY))}")
+    problem = kwargs_problem(_REGISTRY[name], kwargs or {})
+    if problem:
+        raise ValueError(f"reward {name!r}: {problem}")
+
+
+def kwargs_problem(fn: Callable[..., Any], kwargs: dict[str, Any]) -> str | None:
+    """What is wrong with calling ``fn(**kwargs)``: a keyword it does not take (with the closest it does) or a
+    required one missing; None when the call fits. A ``**kwargs`` factory checks what it forwards itself
+    (``options=`` on the function: the callable those keywords go to)."""
+    import difflib
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    named = {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    forwarded = getattr(fn, "options", None)
+    accepted = set(named) | (set(inspect.signature(forwarded).parameters) if forwarded else set())
+    open_ended = any(p.kind == p.VAR_KEYWORD for p in params.values()) and forwarded is None
+    unknown = [] if open_ended else sorted(k for k in kwargs if k not in accepted)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(accepted), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return (f"unknown keyword {unknown[0]!r}{hint}; it takes: "
+                f"{', '.join(sorted(k for k in accepted if not k.startswith('_'))) or 'nothing'}")
+    missing = [n for n, p in named.items() if p.default is p.empty and n not in kwargs]
+    return f"the keyword {missing[0]!r} is required" if missing else None
 
 
 def _import_builtin() -> None:
@@ -245,8 +276,11 @@ class FailureReport:
         return "\n".join(f"warning: {line}" for line in lines) or None
 
 
-def check_failures(report: FailureReport, max_failed_frac: float, names: Iterable[str] | None = None) -> None:
-    """Raise `RewardFailureError` when a reward's failed share exceeds ``max_failed_frac`` (in [0, 1]).
+def check_failures(report: FailureReport, max_failed_frac: float, names: Iterable[str] | None = None,
+                   abort: bool = False) -> None:
+    """Raise `RewardFailureError` when a reward's failed share exceeds ``max_failed_frac`` (in [0, 1]), or with
+    ``abort`` (``rewards.on_error=abort``) when it failed on any sample; the message names the reward and its
+    first error.
 
     Whatever ``rewards.on_error`` says: dropping or zeroing most of a batch silently trains on noise.
     ``names`` restricts the check (e.g. to the optimised rewards, leaving the monitors to the warning).
@@ -254,12 +288,17 @@ def check_failures(report: FailureReport, max_failed_frac: float, names: Iterabl
     if not 0 <= max_failed_frac <= 1:
         raise ValueError(f"max_failed_frac must lie in [0, 1]; got {max_failed_frac}")
     keep = None if names is None else set(names)
-    over = {n: f for n, f in report.failed_frac().items() if f > max_failed_frac and (keep is None or n in keep)}
+    limit = 0.0 if abort else max_failed_frac
+    over = {n: f for n, f in report.failed_frac().items()
+            if f > limit and report.failed.get(n, 0) and (keep is None or n in keep)}
     if over:
         name, frac = max(over.items(), key=lambda kv: kv[1])
+        why, fix = ((" and rewards.on_error=abort", "or set rewards.on_error=zero or drop to train on what still "
+                     "scores") if abort else
+                    (f", over rewards.max_failed_frac={max_failed_frac:g}", "or raise rewards.max_failed_frac to "
+                     "train on what still scores"))
         raise RewardFailureError(
-            f"reward {name} failed on {report.failed[name]} of {report.scored[name]} samples ({frac:.0%}), over "
-            f"rewards.max_failed_frac={max_failed_frac:g}; first error: "
-            f"{report.first_error.get(name, 'unknown (raised on another rank)')}. Fix the reward (or its server), "
-            "or raise rewards.max_failed_frac to train on what still scores"
+            f"reward {name} failed on {report.failed[name]} of {report.scored[name]} samples ({frac:.0%}){why}; "
+            f"first error: {report.first_error.get(name, 'unknown (raised on another rank)')}. Fix the reward (or "
+            f"its server), {fix}"
         )
