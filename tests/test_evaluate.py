@@ -60,8 +60,8 @@ def test_batches_hold_at_most_batch_size_videos(folder, monkeypatch):
     import astrolabe_rl.video as video
 
     reads = []
-    real = video.read_mp4
-    monkeypatch.setattr(video, "read_mp4", lambda path: reads.append(path) or real(path))
+    real = video.decode_into
+    monkeypatch.setattr(video, "decode_into", lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
     videos = evaluate.find_videos(folder)
     held = []
     for idx, frames in evaluate._read_batches(videos, [0, 1, 2, 3], 2, None):
@@ -120,3 +120,25 @@ def test_generate_then_evaluate_round_trips_a_long_prompt(tmp_path):
     assert all(len(Path(w).name) < 120 for w in written)
     found = evaluate.find_videos(tmp_path / "v")
     assert [(v.prompt, v.index) for v in found] == [(long.strip(), 0), (long.strip(), 1)]
+
+
+def test_a_broken_videos_json_costs_only_what_it_broke(folder, tmp_path, capsys):
+    """A string entry, an entry of the wrong kind, a truncated file: one line each, and the rest is scored."""
+    cut = "a very long prompt " * 6
+    (folder / f"{cut[:80].rstrip()}~0123abcd-0.mp4").write_bytes((folder / "a red ball-0.mp4").read_bytes())
+    (folder / "videos.json").write_text(json.dumps({"free_name.mp4": "a bare prompt string",
+                                                     "a red ball-1.mp4": ["not", "an", "entry"]}))
+    found = {v.path.name: v for v in evaluate.find_videos(folder)}
+    assert found["free_name.mp4"].prompt == "a bare prompt string"
+    assert found["a red ball-1.mp4"].prompt is None and "entry must be" in found["a red ball-1.mp4"].status
+    assert found["a red ball-0.mp4"].prompt == "a red ball"
+    assert found[f"{cut[:80].rstrip()}~0123abcd-0.mp4"].status.startswith("skipped: the name cuts a long prompt")
+
+    (folder / "videos.json").write_text('{"a red ball-0.mp4": {"prompt": "a red b')  # cut off by a crash
+    capsys.readouterr()
+    out = tmp_path / "eval.json"
+    code = run(["--videos", str(folder), "--rewards", "sharpness", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert f"warning: {folder / 'videos.json'} is not valid JSON" in err and "Traceback" not in err
+    result = json.loads(out.read_text())
+    assert code == 1 and result["summary"]["sharpness"]["n"] == 4  # the four VBench names; free_name has no prompt

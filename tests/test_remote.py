@@ -237,7 +237,7 @@ def test_an_mp4_is_checked_against_its_header_before_decoding(server, monkeypatc
         raise AssertionError("decoded an mp4 whose header does not match the item")
 
     real = torch.rand(12, 3, 64, 96, generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(video, "_decode_checked", never)
+    monkeypatch.setattr(video, "decode_into", never)
     for claims, says in [({"frames": 2, "height": 16, "width": 16}, "header says 12 frames of 64×96"),
                          ({"frames": 12, "height": 32}, "header says 12 frames of 64×96; 12 frames of 32×96")]:
         status, answer = server.score({"reward": "mean", "items": [mp4_item(real, **claims)]})
@@ -264,15 +264,15 @@ def test_decoding_stops_at_what_a_lying_header_claims(monkeypatch):
 
 
 def test_decoded_bytes_per_request_are_bounded_and_the_client_splits_on_them():
-    v = videos(3, 2, 16, 16)  # 1536 decoded bytes each
-    with RewardServer({"mean": FunctionReward("mean", mean_value)}, max_decoded_bytes=2 * 1536) as srv:
+    v = videos(3, 2, 16, 16)  # 6144 decoded bytes each: float32, as the frames are held (1536 as 8-bit)
+    with RewardServer({"mean": FunctionReward("mean", mean_value)}, max_decoded_bytes=2 * 6144) as srv:
         items = [{"id": str(i), "prompt": "p", "frames": 2, "height": 16, "width": 16, "encoding": "rgb24",
                   "data": encode_video(v[i])} for i in range(3)]
         status, answer = srv.score({"reward": "mean", "items": items})
         assert [r["status"] for r in answer["items"]] == ["ok", "ok", "error"]
-        assert "max_decoded_bytes=3072" in answer["items"][2]["error"]
-        assert srv.info()["max_decoded_bytes"] == 3072
-        split = RemoteReward(srv.url, "mean", max_decoded_bytes=3072)
+        assert "max_decoded_bytes=12288" in answer["items"][2]["error"]
+        assert srv.info()["max_decoded_bytes"] == 12288
+        split = RemoteReward(srv.url, "mean", max_decoded_bytes=12288)
         torch.testing.assert_close(split(v, ["a", "b", "c"]), quantised_mean(v))
         alone = RemoteReward(srv.url, "mean", max_decoded_bytes=1000)
         assert torch.isnan(alone(v, ["a", "b", "c"])).all()
@@ -285,3 +285,100 @@ def test_an_item_must_declare_a_positive_integer_shape(server, claims):
             "data": b"\0" * 96, **claims}
     result = server.score({"reward": "mean", "items": [item]})[1]["items"][0]
     assert result["status"] == "error" and "positive integers" in result["error"], result
+
+
+# ------------------------------------------------------------------------------------- every client answered (issue 28)
+
+
+def json_request(v: torch.Tensor) -> bytes:
+    from astrolabe_rl.rewards.remote import pack
+
+    t, _, h, w = v.shape
+    body = pack({"reward": "mean", "items": [{"id": "0", "prompt": "p", "frames": t, "height": h, "width": w,
+                                               "encoding": "rgb24", "data": encode_video(v)}]}, JSON)
+    head = f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: {JSON}\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+def parallel_raw_clients(url: str, n: int, request: bytes) -> list:
+    """``n`` raw clients connect at the same moment and send ``request``; each one's status, or its socket error."""
+    start = threading.Barrier(n)
+    got: list = [None] * n
+
+    def client(k: int) -> None:
+        try:
+            start.wait(timeout=30)
+            got[k] = raw_exchange(url, request, read_timeout=30.0)[0]
+        except Exception as e:  # noqa: BLE001 - a reset is what is counted
+            got[k] = f"{type(e).__name__}: {e}"
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return got
+
+
+def test_100_parallel_raw_clients_are_all_answered():
+    """A listen backlog of 5 reset most of them; now each gets 200, or a 503 if the server is full."""
+    with RewardServer({"mean": FunctionReward("mean", mean_value)}) as srv:
+        got = parallel_raw_clients(srv.url, 100, json_request(videos(1, 2, 8, 8)[0]))
+    assert all(status in (200, 503) for status in got), [s for s in got if s not in (200, 503)][:5]
+    assert got.count(200) >= 1
+
+
+def test_a_full_server_answers_503_at_once_and_serves_the_clients_it_holds():
+    release = threading.Event()
+
+    def waits(v, prompts):
+        release.wait(timeout=30)
+        return v.mean(dim=(1, 2, 3, 4))
+
+    request = json_request(videos(1, 2, 8, 8)[0])
+    with RewardServer({"mean": FunctionReward("mean", waits)}, max_clients=4) as srv:
+        assert srv.info()["max_clients"] == 4 and srv.httpd.request_queue_size == 4  # the listen backlog
+        held = []
+        first = threading.Thread(target=lambda: held.extend(parallel_raw_clients(srv.url, 4, request)), daemon=True)
+        first.start()
+        for _ in range(400):  # until the 4 connections hold every thread (bounded: 400 × 0.05 s)
+            if srv.httpd._serving._value == 0:
+                break
+            time.sleep(0.05)
+        turned_away = [raw_exchange(srv.url, request) for _ in range(10)]
+        release.set()
+        first.join(timeout=30)
+    assert [status for status, _ in turned_away] == [503] * 10
+    assert "maximum of 4 clients" in turned_away[0][1]["error"]
+    assert held == [200] * 4
+
+
+def test_conflicting_content_lengths_and_transfer_encodings_are_refused(server):
+    head = ("POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+            "Content-Length: 40\r\n\r\n{}")
+    status, answer = raw_exchange(server.url, head.encode())
+    assert status == 400 and "Content-Length is given 2 times" in answer["error"]
+    head = ("POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+            "Content-Length: 2\r\n\r\n{}")
+    status, answer = raw_exchange(server.url, head.encode())
+    assert status == 400 and "Transfer-Encoding is not supported" in answer["error"]
+
+
+def test_a_port_in_use_is_one_line(capsys):
+    from astrolabe_rl import cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["serve-reward", "--reward", "sharpness", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot serve on 127.0.0.1:{port}: address already in use")
+
+
+def test_a_dead_server_is_reported_as_refused_not_as_the_cooldown():
+    with RewardServer({"mean": FunctionReward("mean", mean_value)}) as srv:
+        url = srv.url
+    remote = RemoteReward(url, "mean", retries=0)
+    scores, errors = score_all({"mean": remote}, videos(2), ["a", "b"])  # batch, then item by item in the cooldown
+    assert torch.isnan(scores["mean"]).all() and "connection refused" in errors["mean"]

@@ -14,9 +14,13 @@ Two sources of videos:
       astrolabe evaluate --model self_forcing --adapter runs/x/checkpoints/step-000300 --prompts prompts/moviegen.txt \\
           --num-videos 5 --rewards hpsv3,videoalign --save-videos eval_videos/
 
-Videos are read and scored a batch at a time (memory is bounded by ``--batch-size``, not by the folder). A file that
-cannot be read, or whose prompt is unknown, is recorded with its status in the JSON and the rest is still scored;
-a reward that fails on a video scores NaN there (JSON ``null``). Reward options go in ``--reward-kwargs`` (JSON or a
+Videos are read and scored a batch at a time: the decoded frames held at once are one batch of at most
+``--batch-size`` same-shaped videos and at most ``--max-decoded-mb`` (counted as float32 frames, what they take in
+memory; `video.decoded_bytes`), not the folder; each video decodes straight into its place in the batch. A video
+over that budget alone is skipped with its status (``--max-frames`` scores the first frames only, and decodes no
+more). A file that cannot be read, or whose prompt is unknown, is recorded with its status in the JSON and the rest
+is still scored; a ``videos.json`` that does not parse is a warning (the prompts then come from the file names). A
+reward that fails on a video scores NaN there (JSON ``null``). Reward options go in ``--reward-kwargs`` (JSON or a
 .json/.yaml file): ``{"hpsv3": {"checkpoint": "..."}}``.
 """
 
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 _VBENCH_NAME = re.compile(r"^(?P<prompt>.+)-(?P<index>\d+)$")
+_CUT_PROMPT = re.compile(r"~[0-9a-f]{8}$")  # `generate.video_name` cut a long prompt: its whole text is in videos.json
 
 
 @dataclass
@@ -51,20 +56,28 @@ class VideoFile:
 def find_videos(folder: str | Path, prompt_from_name: bool = False) -> list[VideoFile]:
     """Every ``*.mp4`` directly in ``folder`` (sorted) with its prompt: from ``videos.json`` if listed there, else
     from a ``{prompt}-{i}`` name; other names get no prompt (status says so) unless ``prompt_from_name``."""
-    from astrolabe_rl.generate import SIDECAR
+    from astrolabe_rl.generate import SIDECAR, read_sidecar, sidecar_prompt
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"--videos {folder} is not a folder")
+        raise ValueError(f"--videos {folder} is not a folder ({'a file' if folder.exists() else 'it does not exist'})")
     files = sorted(folder.glob("*.mp4"))
     if not files:
         raise ValueError(f"no .mp4 files in {folder} (expected names like 'a cat-0.mp4', as astrolabe generate writes)")
-    sidecar = json.loads((folder / SIDECAR).read_text()) if (folder / SIDECAR).is_file() else {}
+    sidecar, problem = read_sidecar(folder)
+    if problem:
+        print(f"warning: {problem}; the prompts come from the file names instead", file=sys.stderr, flush=True)
     out = []
     for f in files:
         m = _VBENCH_NAME.match(f.stem)
         if f.name in sidecar:
-            out.append(VideoFile(f, sidecar[f.name]["prompt"], sidecar[f.name].get("index")))
+            try:
+                out.append(VideoFile(f, *sidecar_prompt(sidecar[f.name])))
+            except ValueError as e:
+                out.append(VideoFile(f, None, None, status=f"skipped: {e}"))
+        elif m and _CUT_PROMPT.search(m["prompt"]):
+            out.append(VideoFile(f, None, None, status=f"skipped: the name cuts a long prompt whose whole text is "
+                                                     f"not in {SIDECAR}"))
         elif m:
             out.append(VideoFile(f, m["prompt"], int(m["index"])))
         elif prompt_from_name:
@@ -76,8 +89,10 @@ def find_videos(folder: str | Path, prompt_from_name: bool = False) -> list[Vide
 
 
 def score_videos(videos: list[VideoFile], rewards: dict[str, Any], batch_size: int = 4,
-                 max_frames: int | None = None, progress: bool = False) -> tuple[dict[str, "Tensor"], dict[str, list[str]]]:
-    """Score the files in batches of same-shaped videos, reading each batch only when it is scored.
+                 max_frames: int | None = None, progress: bool = False,
+                 max_bytes: int = 1 << 30) -> tuple[dict[str, "Tensor"], dict[str, list[str]]]:
+    """Score the files in batches of same-shaped videos, reading each batch only when it is scored; a batch holds
+    at most ``batch_size`` videos and ``max_bytes`` of decoded frames (`video.decoded_bytes`).
 
     Returns ``{reward: [N]}`` scores (NaN where a reward failed or the file was not scored) in ``videos`` order, and
     the errors per reward; each file's ``status`` becomes ``ok`` or the reason it was not scored.
@@ -91,8 +106,9 @@ def score_videos(videos: list[VideoFile], rewards: dict[str, Any], batch_size: i
     errors: dict[str, list[str]] = {}
     todo = [i for i, v in enumerate(videos) if v.prompt is not None]
     bar = tqdm(total=len(todo), desc="scoring", unit="video", file=sys.stderr, disable=not progress)
-    for idx, frames in _read_batches(videos, todo, batch_size, max_frames):
-        out, errs = score_all(rewards, torch.stack(frames), [videos[i].prompt for i in idx])
+    for idx, batch in _read_batches(videos, todo, batch_size, max_frames, max_bytes):
+        out, errs = score_all(rewards, batch, [videos[i].prompt for i in idx])
+        del batch  # before the next batch is decoded: one batch is held at a time
         for name, s in out.items():
             scores[name][idx] = s.float().cpu()
         for name, msg in errs.items():
@@ -104,26 +120,49 @@ def score_videos(videos: list[VideoFile], rewards: dict[str, Any], batch_size: i
     return scores, errors
 
 
-def _read_batches(videos: list[VideoFile], todo: list[int], size: int,
-                  max_frames: int | None) -> Iterator[tuple[list[int], list["Tensor"]]]:
-    """Batches of at most ``size`` same-shaped videos (they stack into ``[B, T, 3, H, W]``), each yielded as soon as
-    it is full: at most ``size`` decoded videos per distinct shape are held at once. Unreadable files get a status."""
-    from astrolabe_rl.video import read_mp4
+def _read_batches(videos: list[VideoFile], todo: list[int], size: int, max_frames: int | None,
+                  max_bytes: int = 1 << 30) -> Iterator[tuple[list[int], "Tensor"]]:
+    """Batches ``[B, T, 3, H, W]`` of at most ``size`` same-shaped videos and ``max_bytes`` of decoded frames, each
+    yielded as soon as it is decoded. Every file's header is read first (frame count and size, nothing decoded), so
+    a batch is allocated once at its final size and each video decodes into its place. Files that cannot be read,
+    or are over ``max_bytes`` alone, get a status instead."""
+    import torch
 
-    pending: dict[tuple, tuple[list[int], list[Tensor]]] = {}
+    from astrolabe_rl import video
+
+    shapes: dict[tuple[int, int, int], list[int]] = {}
+    total: dict[int, int] = {}
     for i in todo:
         try:
-            frames, _ = read_mp4(videos[i].path)
+            header = video.probe_mp4(videos[i].path, count=True)
+            if header.frames == 0:
+                raise ValueError("the file holds no video frames")
         except Exception as e:  # noqa: BLE001 - one bad file must not lose the evaluation; its status says why
             videos[i].status = f"unreadable: {type(e).__name__}: {e}"
             continue
-        frames = frames[:max_frames] if max_frames else frames
-        idx, group = pending.setdefault(tuple(frames.shape), ([], []))
-        idx.append(i)
-        group.append(frames)
-        if len(idx) == size:
-            yield pending.pop(tuple(frames.shape))
-    yield from pending.values()
+        shape = (min(header.frames, max_frames or header.frames), header.height, header.width)
+        try:
+            video.check_budget(*shape, max_bytes, "--max-decoded-mb")
+        except ValueError as e:
+            videos[i].status = f"skipped: {e} (score the first frames with --max-frames, or raise --max-decoded-mb)"
+            continue
+        total[i] = header.frames
+        shapes.setdefault(shape, []).append(i)
+    for (t, h, w), members in shapes.items():
+        per = max(1, min(size, max_bytes // video.decoded_bytes(t, h, w)))
+        for start in range(0, len(members), per):
+            batch = torch.empty(len(members[start : start + per]), t, 3, h, w)
+            kept: list[int] = []
+            for i in members[start : start + per]:
+                try:
+                    video.decode_into(videos[i].path, batch[len(kept)], more="stop" if t < total[i] else "error")
+                except Exception as e:  # noqa: BLE001 - its slot is reused by the next file
+                    videos[i].status = f"unreadable: {type(e).__name__}: {e}"
+                    continue
+                kept.append(i)
+            if kept:
+                yield kept, batch[: len(kept)]
+            del batch
 
 
 def summarize(videos: list[VideoFile], scores: dict[str, "Tensor"]) -> dict[str, Any]:
@@ -187,6 +226,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="evaluate.json", help="JSON results file (default: evaluate.json)")
     p.add_argument("--batch-size", type=int, default=4, help="videos per reward call (default 4)")
     p.add_argument("--max-frames", type=int, default=None, help="score only the first N frames of each video")
+    p.add_argument("--max-decoded-mb", type=float, default=1024.0,
+                   help="decoded frames held at once (float32, 12 bytes a pixel: one batch); a video over it alone "
+                        "is skipped (default 1024)")
     p.add_argument("--prompt-from-name", action="store_true",
                    help="score files not named '{prompt}-{i}.mp4' with their whole name as the prompt")
     p.add_argument("--device", default=None, help="device for rewards and generation (default: cuda if available)")
@@ -208,6 +250,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     """Run ``astrolabe evaluate``; returns the exit code (0, or 1 when some video could not be scored)."""
     from astrolabe_rl.rewards._common import build_rewards, parse_reward_kwargs
 
+    if args.batch_size < 1 or (args.max_frames is not None and args.max_frames < 1) or args.max_decoded_mb <= 0:
+        raise ValueError("--batch-size and --max-frames must be at least 1, --max-decoded-mb above 0")
     names = [n.strip() for n in args.rewards.split(",") if n.strip()]
     rewards = build_rewards(names, parse_reward_kwargs(args.reward_kwargs), args.device, args.dtype)
     with tempfile.TemporaryDirectory(prefix="astrolabe_eval_") as tmp:
@@ -218,7 +262,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
             out_dir.mkdir(parents=True, exist_ok=True)
             videos = generate_for_evaluation(args, out_dir)
             source = f"{args.model}:{args.checkpoint or 'default'}" + (f"+{args.adapter}" if args.adapter else "")
-        scores, errors = score_videos(videos, rewards, args.batch_size, args.max_frames, progress=not args.quiet)
+        scores, errors = score_videos(videos, rewards, args.batch_size, args.max_frames, progress=not args.quiet,
+                                      max_bytes=int(args.max_decoded_mb * (1 << 20)))
     result = {"source": source, "rewards": names, **summarize(videos, scores),
               "videos": [{"file": v.path.name, "prompt": v.prompt, "index": v.index, "status": v.status,
                           "scores": {n: _num(scores[n][i]) for n in names}} for i, v in enumerate(videos)],

@@ -336,10 +336,41 @@ def write_sidecar(samples: list[Sample]) -> None:
             by_folder.setdefault(s.out.parent, {})[s.out.name] = {"prompt": s.text, "index": s.index, "seed": s.seed}
     for folder, entries in by_folder.items():
         path = folder / SIDECAR
-        old = json.loads(path.read_text()) if path.is_file() else {}
+        old, problem = read_sidecar(folder)
+        if problem:  # keep what it held for a person to read; the new videos get a sidecar that works
+            path.replace(path.with_name(f"{SIDECAR}.unreadable"))
+            print(f"warning: {problem}; moved it to {SIDECAR}.unreadable and wrote a new one", file=sys.stderr)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({**old, **entries}, indent=1, ensure_ascii=False))
         tmp.replace(path)
+
+
+def read_sidecar(folder: Path) -> tuple[dict[str, Any], str | None]:
+    """A folder's ``videos.json`` as ``{file name: entry}`` (empty when there is none) and what is wrong with it
+    (None when nothing is): a file that is not JSON (cut off by a crash?) or not a JSON object reads as empty with
+    the problem said; the entries are checked by whoever reads them (`sidecar_prompt`)."""
+    path = folder / SIDECAR
+    if not path.is_file():
+        return {}, None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        return {}, f"{path} is not valid JSON ({e})"
+    if not isinstance(data, dict):
+        return {}, f"{path} must hold a JSON object {{file name: {{\"prompt\": ...}}}}; it holds a {type(data).__name__}"
+    return data, None
+
+
+def sidecar_prompt(entry: Any) -> tuple[str, int | None]:
+    """The prompt and index of one ``videos.json`` entry: ``{"prompt": str, "index": int, ...}``, or a bare prompt
+    string; raises ValueError saying what the entry should be."""
+    if isinstance(entry, str):
+        return entry, None
+    if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+        raise ValueError(f'its {SIDECAR} entry must be {{"prompt": "...", "index": 0}} or a prompt string; got '
+                         f"{json.dumps(entry)[:80]}")
+    index = entry.get("index")
+    return entry["prompt"], index if isinstance(index, int) and not isinstance(index, bool) else None
 
 
 def save_latents(opts: GenerateOptions, family: "Family", samples: list[Sample], latents: "Tensor",

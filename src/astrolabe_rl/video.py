@@ -104,23 +104,45 @@ def write_mp4(path: str | Path, frames: Tensor, fps: int = 16, crf: int = 18) ->
     return path
 
 
-def read_mp4(path: str | Path) -> tuple[Tensor, float]:
-    """Decode the first video stream of ``path`` into float ``[T, 3, H, W]`` in [0, 1] and its fps."""
-    import av
+FLOAT_BYTES = 4  # frames are float32 once decoded: what a decoded video costs is 4 bytes per RGB value
 
+
+def decoded_bytes(frames: int, height: int, width: int) -> int:
+    """The memory ``frames`` decoded frames of ``height × width`` take: float32 ``[T, 3, H, W]``, 12 bytes a pixel.
+    Every decode budget counts this (not the 3 bytes a pixel of the 8-bit file), because this is what is held."""
+    return frames * 3 * height * width * FLOAT_BYTES
+
+
+def read_mp4(path: str | Path, max_frames: int | None = None,
+             max_bytes: int | None = None) -> tuple[Tensor, float]:
+    """Decode the first video stream of ``path`` into float ``[T, 3, H, W]`` in [0, 1] and its fps.
+
+    Memory is what the result takes and one frame more: the frame count is read first (the header, or the stream's
+    packets when the header does not say), the float frames are allocated once and each frame decodes into its
+    place. ``max_frames`` keeps the first frames only (decoding stops there); a video over ``max_bytes`` (counted as
+    `decoded_bytes`) is refused with a ValueError before anything is decoded.
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"no video file at {path}")
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise ValueError(f"{path} has no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        images = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-    if not images:
+    if not path.is_file():
+        raise ValueError(f"{path} is a folder, not a video file")
+    header = probe_mp4(path, count=True)
+    if header.frames == 0:
         raise ValueError(f"{path} holds no decodable frames")
-    pixels = torch.from_numpy(np.stack(images))  # [T, H, W, 3] uint8
-    return pixels.permute(0, 3, 1, 2).float() / 255, float(rate) if rate else float("nan")
+    frames = min(header.frames, max_frames or header.frames)
+    check_budget(frames, header.height, header.width, max_bytes)
+    out = torch.empty(frames, 3, header.height, header.width)
+    decode_into(path, out, more="stop" if frames < header.frames else "error")
+    return out, header.fps
+
+
+def check_budget(frames: int, height: int, width: int, max_bytes: int | None, limit: str = "the decode budget") -> None:
+    """Raise a ValueError when ``frames`` frames of ``height × width`` take more than ``max_bytes`` once decoded."""
+    need = decoded_bytes(frames, height, width)
+    if max_bytes is not None and need > max_bytes:
+        raise ValueError(f"{frames} frames of {height}×{width} take {need / 2**20:,.1f} MiB decoded (float32), over "
+                         f"{limit} of {max_bytes / 2**20:,.1f} MiB")
 
 
 @dataclass(frozen=True)
@@ -133,9 +155,10 @@ class Mp4Header:
     fps: float  # NaN when unknown
 
 
-def probe_mp4(source: str | Path | bytes) -> Mp4Header:
+def probe_mp4(source: str | Path | bytes, count: bool = False) -> Mp4Header:
     """Read the frame count and frame size of the first video stream of an mp4 (a path or the file's bytes) from
-    its container header, without decoding the stream (at most the few frames FFmpeg's stream probe looks at)."""
+    its container header, without decoding the stream (at most the few frames FFmpeg's stream probe looks at).
+    ``count``: when the header gives no frame count, count the stream's packets (demuxed, not decoded)."""
     import av
 
     src = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
@@ -145,18 +168,23 @@ def probe_mp4(source: str | Path | bytes) -> Mp4Header:
                 raise ValueError("the mp4 has no video stream")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
-            return Mp4Header(int(stream.frames or 0), int(stream.codec_context.height or 0),
-                             int(stream.codec_context.width or 0), float(rate) if rate else float("nan"))
+            frames = int(stream.frames or 0)
+            if count and frames == 0:
+                frames = sum(1 for packet in container.demux(stream) if packet.size)
+            return Mp4Header(frames, int(stream.codec_context.height or 0), int(stream.codec_context.width or 0),
+                             float(rate) if rate else float("nan"))
     except av.FFmpegError as e:
         raise ValueError(f"not a readable mp4: {e}") from None
 
 
-def read_mp4_bounded(source: str | Path | bytes, frames: int, height: int, width: int) -> Tensor:
-    """Decode an mp4 expected to hold exactly ``frames`` frames of ``height × width`` into float ``[T, 3, H, W]``.
+def read_mp4_bounded(source: str | Path | bytes, frames: int, height: int, width: int,
+                     out: Tensor | None = None) -> Tensor:
+    """Decode an mp4 expected to hold exactly ``frames`` frames of ``height × width`` into float ``[T, 3, H, W]``
+    (into ``out`` when given, e.g. a slot of a batch, which it returns).
 
     Untrusted input costs at most what it claims: the container header is checked first (`probe_mp4`), and
     decoding stops at the first frame past the count or of another size (a header can lie about its stream), so
-    at most ``frames × height × width × 3`` decoded bytes are held (plus the few frames in flight in the decoder),
+    at most the ``frames × height × width`` float frames are held (plus the frame in flight in the decoder),
     whatever the file decodes to. Raises ValueError saying which expectation failed.
     """
     if min(frames, height, width) < 1:
@@ -167,31 +195,53 @@ def read_mp4_bounded(source: str | Path | bytes, frames: int, height: int, width
     if (header.frames, header.height, header.width) != (frames, height, width):
         raise ValueError(f"the mp4 header says {header.frames} frames of {header.height}×{header.width}; "
                          f"{frames} frames of {height}×{width} expected")
-    return _decode_checked(source, frames, height, width)
+    out = torch.empty(frames, 3, height, width) if out is None else out
+    decode_into(source, out)
+    return out
 
 
-def _decode_checked(source: str | Path | bytes, frames: int, height: int, width: int) -> Tensor:
-    """Decode into a ``[frames, height, width, 3]`` buffer, stopping at the first frame past it (`read_mp4_bounded`)."""
+def decode_into(source: str | Path | bytes, out: Tensor, more: str = "error") -> None:
+    """Decode the first video stream of an mp4 into ``out`` (float32 ``[T, 3, H, W]``, contiguous, on the CPU) in
+    [0, 1], frame by frame: nothing but ``out`` and the frame being converted is held.
+
+    A frame of another size than ``out``'s raises ValueError; so do fewer frames than ``T``, and, with
+    ``more="error"``, more (``more="stop"`` keeps the first ``T``).
+    """
     import av
 
-    pixels = torch.empty(frames, height, width, 3, dtype=torch.uint8)
+    frames, _, height, width = out.shape
+    target = out.numpy()  # numpy writes each frame into the tensor's memory, casting 8-bit values chunk by chunk
     count = 0
     src = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
     try:
         with av.open(src) as container:
             for frame in container.decode(container.streams.video[0]):
                 if count == frames:
+                    if more == "stop":
+                        break
                     raise ValueError(f"the mp4 decodes to more than the {frames} frames its header says")
                 if (frame.height, frame.width) != (height, width):
                     raise ValueError(f"frame {count} of the mp4 is {frame.height}×{frame.width}, not the "
                                      f"{height}×{width} its header says")
-                pixels[count] = torch.from_numpy(frame.to_ndarray(format="rgb24"))
+                np.copyto(target[count], frame.to_ndarray(format="rgb24").transpose(2, 0, 1), casting="unsafe")
+                out[count].div_(255)
                 count += 1
     except av.FFmpegError as e:
         raise ValueError(f"the mp4 does not decode: {e}") from None
     if count != frames:
         raise ValueError(f"the mp4 decodes to {count} frames; its header says {frames}")
-    return pixels.permute(0, 3, 1, 2).float() / 255
+
+
+def rgb24_into(data: bytes | bytearray, out: Tensor) -> None:
+    """Raw ``[T, H, W, 3]`` 8-bit RGB bytes (exactly ``out``'s frames) into ``out`` (float32 ``[T, 3, H, W]``) in
+    [0, 1], without a second copy of the video."""
+    frames, _, height, width = out.shape
+    if len(data) != frames * height * width * 3:
+        raise ValueError(f"rgb24 data has {len(data)} bytes; {frames}×{height}×{width}×3 = "
+                         f"{frames * height * width * 3} expected")
+    pixels = np.frombuffer(data, dtype=np.uint8).reshape(frames, height, width, 3)
+    np.copyto(out.numpy(), pixels.transpose(0, 3, 1, 2), casting="unsafe")
+    out.div_(255)
 
 
 def caption_frames(frames: Tensor, lines: list[str], max_width: int = 640) -> Tensor:

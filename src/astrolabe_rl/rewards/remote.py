@@ -19,17 +19,24 @@ Protocol ``astrolabe-reward/1`` (language-neutral; HTTP/1.1, standard library on
     {"protocol": "astrolabe-reward/1", "reward": "hpsv3", "elapsed_s": 0.8,
      "items": [{"id": "0", "status": "ok", "score": 7.12}, {"id": "1", "status": "error", "error": "..."}]}
 
-Status codes: 200 (per-item status inside), 400 malformed (a ``Content-Length`` that is not a non-negative
-integer included), 404 unknown path or reward, 408 request not read within the server's ``request_timeout`` (one
-deadline for the whole request, however slowly its bytes trickle in; the connection is then closed), 411 no
-``Content-Length``, 413 request over the server's ``max_request_bytes`` (checked from ``Content-Length`` before
-anything is read), 500 server fault. ``GET /health`` answers ``{"status": "ok"}``; ``GET /info`` lists the rewards,
-the limits and versions.
+Status codes: 200 (per-item status inside), 400 malformed (a ``Content-Length`` that is not one non-negative
+integer, given once, included; a ``Transfer-Encoding``), 404 unknown path or reward, 408 request not read within the
+server's ``request_timeout`` (one deadline for the whole request, however slowly its bytes trickle in; the
+connection is then closed), 411 no ``Content-Length``, 413 request over the server's ``max_request_bytes`` (checked
+from ``Content-Length`` before anything is read), 500 server fault, 503 the server is at its ``max_clients`` (retry;
+``Retry-After`` says when). ``GET /health`` answers ``{"status": "ok"}``; ``GET /info`` lists the rewards, the limits
+and versions.
 
-Decoded memory is bounded too: the frames an item declares (``frames × height × width × 3`` bytes) count
-against the server's ``max_decoded_bytes`` per request before anything is decoded; an mp4's frame count and size
-are checked against its container header before decoding, and decoding stops at the first frame beyond them. An
-item over a limit fails alone, with a message.
+Every resource is bounded. Connections: ``max_clients`` are served at once, one thread each, and the listen
+backlog holds as many, so a burst is queued by the kernel rather than reset; while all are busy a new connection
+gets a 503 at once (up to ``max_clients`` more; past those it is closed). Request bodies: one request holds at most
+``max_request_bytes`` (twice, once parsed). Decoded frames: what an item costs decoded, float32
+``frames × height × width × 3 × 4`` bytes (`video.decoded_bytes`, what is really allocated), counts against the
+server's ``max_decoded_bytes`` per request before anything is decoded; each group of same-shaped items decodes
+straight into the batch the reward is called on, one group at a time, and one request per reward scores at once,
+so the frames held never exceed ``max_decoded_bytes`` per served reward (plus one frame in flight). An mp4's frame
+count and size are checked against its container header before decoding, and decoding stops at the first frame
+beyond them. An item over a limit fails alone, with a message.
 
 The client splits a batch into requests under its own size limits (encoded and decoded bytes), retries
 transport failures (connection refused, timeouts, 5xx) a bounded number of times with exponential backoff, never
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import errno
 import io
 import json
 import math
@@ -53,11 +61,13 @@ import warnings
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from socket import SHUT_WR
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from astrolabe_rl.errors import UserError
 from astrolabe_rl.rewards.base import Reward, check_videos, register_reward
 
 PROTOCOL = "astrolabe-reward/1"
@@ -65,7 +75,7 @@ MSGPACK = "application/msgpack"
 JSON = "application/json"
 
 
-class RemoteRewardError(RuntimeError):
+class RemoteRewardError(UserError, RuntimeError):
     """The reward server could not be reached or answered with an error for the whole request."""
 
 
@@ -94,22 +104,29 @@ def item_shape(item: dict[str, Any]) -> tuple[int, int, int]:
 def decode_video(item: dict[str, Any]) -> Tensor:
     """A request item -> float frames ``[T, 3, H, W]`` in [0, 1]; raises ValueError saying what is wrong.
 
-    Decoded bytes never exceed what the item declares (``frames × height × width × 3``): rgb24 data must be exactly
+    Decoded frames never exceed what the item declares (``frames × height × width``): rgb24 data must be exactly
     that long, and an mp4 is checked against its header first and cut off at the first frame beyond it."""
-    from astrolabe_rl.video import read_mp4_bounded
-
     t, h, w = item_shape(item)
+    out = torch.empty(t, 3, h, w)
+    decode_item_into(item, out)
+    return out
+
+
+def decode_item_into(item: dict[str, Any], out: Tensor) -> None:
+    """Decode a request item into ``out`` (float32 ``[T, 3, H, W]`` of the item's declared shape, e.g. a slot of
+    the batch its group is scored in); raises ValueError saying what is wrong."""
+    from astrolabe_rl.video import read_mp4_bounded, rgb24_into
+
     data = item.get("data")
     if not isinstance(data, (bytes, bytearray)):
         raise ValueError(f"'data' must be bytes; got {type(data).__name__}")
-    if item.get("encoding", "rgb24") == "rgb24":
-        if len(data) != t * h * w * 3:
-            raise ValueError(f"rgb24 data has {len(data)} bytes; {t}×{h}×{w}×3 = {t * h * w * 3} expected")
-        pixels = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(t, h, w, 3)
-        return pixels.permute(0, 3, 1, 2).float() / 255
-    if item["encoding"] == "mp4":
-        return read_mp4_bounded(bytes(data), t, h, w)
-    raise ValueError(f"unknown encoding {item['encoding']!r}; use 'rgb24' or 'mp4'")
+    encoding = item.get("encoding", "rgb24")
+    if encoding == "rgb24":
+        rgb24_into(data, out)
+    elif encoding == "mp4":
+        read_mp4_bounded(bytes(data), *item_shape(item), out=out)
+    else:
+        raise ValueError(f"unknown encoding {encoding!r}; use 'rgb24' or 'mp4'")
 
 
 def _mp4_bytes(frames: Tensor, fps: float) -> bytes:
@@ -182,26 +199,35 @@ class RewardServer:
         request_timeout: the read deadline, in seconds: from the start of a request (or of the wait for one on an
             open connection) until its last byte arrives. A slower client gets 408 and the connection is closed,
             however steadily it trickles bytes. Scoring time does not count.
-        max_decoded_bytes: decoded frames (``frames × height × width × 3`` uint8 bytes, as the items declare them)
-            one request may cost; the items past it fail alone, before decoding. Float frames take 4× this.
+        max_decoded_bytes: the memory decoded frames of one request may take, counted as they are held: float32,
+            ``frames × height × width × 3 × 4`` bytes per item (`video.decoded_bytes`); the items past it fail alone,
+            before decoding.
+        max_clients: connections served at once (one thread each; also the listen backlog). While all are busy a
+            new client gets a 503 at once.
     """
 
     def __init__(self, rewards: dict[str, Reward], host: str = "127.0.0.1", port: int = 0,
                  max_request_bytes: int = 256 << 20, request_timeout: float = 60.0,
-                 max_decoded_bytes: int = 1 << 30) -> None:
+                 max_decoded_bytes: int = 1 << 30, max_clients: int = 64) -> None:
         if not rewards:
             raise ValueError("give the server at least one reward")
-        if request_timeout <= 0 or max_request_bytes <= 0 or max_decoded_bytes <= 0:
-            raise ValueError("request_timeout, max_request_bytes and max_decoded_bytes must be > 0")
+        if min(request_timeout, max_request_bytes, max_decoded_bytes, max_clients) <= 0:
+            raise ValueError("request_timeout, max_request_bytes, max_decoded_bytes and max_clients must be > 0")
         self.rewards = rewards
         self.max_request_bytes = max_request_bytes
         self.max_decoded_bytes = max_decoded_bytes
+        self.max_clients = max_clients
         self.request_timeout = request_timeout
         self._locks = {name: threading.Lock() for name in rewards}
         # ``timeout`` bounds each socket operation (writes included); the read deadline bounds a whole request
         handler = type("Handler", (_Handler,), {"app": self, "timeout": request_timeout})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
+        try:
+            self.httpd = _BoundedHTTPServer((host, port), handler, max_clients)
+        except OSError as e:
+            said = (e.strerror or str(e))[:1].lower() + (e.strerror or str(e))[1:]
+            raise OSError(e.errno, f"cannot serve on {host}:{port}: {said}"
+                          + (" (another server holds the port: pick another --port, or 0 for any free one)"
+                             if e.errno == errno.EADDRINUSE else "")) from None
         self._thread: threading.Thread | None = None
 
     @property
@@ -235,6 +261,7 @@ class RewardServer:
 
         return {"protocol": PROTOCOL, "rewards": sorted(self.rewards), "max_request_bytes": self.max_request_bytes,
                 "max_decoded_bytes": self.max_decoded_bytes, "request_timeout": self.request_timeout,
+                "max_clients": self.max_clients,
                 "versions": {"torch": torch.__version__, "python": platform.python_version()}}
 
     def score(self, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -255,54 +282,117 @@ class RewardServer:
 
 
 def _score_items(reward: Reward, items: list[Any], max_decoded_bytes: int) -> list[dict[str, Any]]:
-    """Decode every item within the request's decoded-bytes budget, score same-shaped ones together, and report
-    each item's own status."""
+    """Check every item's cost against the request's decode budget, then, one group of same-shaped items at a time,
+    decode the group straight into one batch, score it, and free it; report each item's own status."""
+    from astrolabe_rl.video import decoded_bytes
+
     results: list[dict[str, Any]] = [{} for _ in items]
-    groups: dict[tuple, list[tuple[int, Tensor, str]]] = {}
+    groups: dict[tuple[int, int, int], list[tuple[int, dict[str, Any], str]]] = {}
     budget = max_decoded_bytes
     for i, item in enumerate(items):
         ident = str(item.get("id", i)) if isinstance(item, dict) else str(i)
+        results[i] = {"id": ident}
         try:
             if not isinstance(item, dict):
                 raise ValueError(f"an item must be a map; got {type(item).__name__}")
-            t, h, w = item_shape(item)
-            if t * h * w * 3 > budget:
-                raise ValueError(f"{t} frames of {h}×{w} decode to {t * h * w * 3} bytes, over what is left of this "
-                                 f"server's max_decoded_bytes={max_decoded_bytes} for the request (send fewer or "
-                                 "smaller videos per request)")
-            budget -= t * h * w * 3
-            frames = decode_video(item)
-            prompt = str(item.get("prompt", ""))
+            shape = item_shape(item)
+            need = decoded_bytes(*shape)
+            if need > budget:
+                raise ValueError(f"{shape[0]} frames of {shape[1]}×{shape[2]} take {need} bytes decoded (float32), "
+                                 f"over what is left of this server's max_decoded_bytes={max_decoded_bytes} for the "
+                                 "request (send fewer or smaller videos per request)")
+            budget -= need
         except Exception as e:  # noqa: BLE001 - a bad item fails alone
-            results[i] = {"id": ident, "status": "error", "error": f"bad item: {type(e).__name__}: {e}"}
+            results[i].update(status="error", error=f"bad item: {type(e).__name__}: {e}")
             continue
-        groups.setdefault(tuple(frames.shape), []).append((i, frames, prompt))
-        results[i] = {"id": ident}
-    for group in groups.values():
-        for i, score, error in _score_group(reward, group):
-            results[i] = ({**results[i], "status": "ok", "score": score} if error is None
-                          else {**results[i], "status": "error", "error": error})
+        groups.setdefault(shape, []).append((i, item, str(item.get("prompt", ""))))
+    for (t, h, w), members in groups.items():
+        videos = torch.empty(len(members), t, 3, h, w)  # within the budget reserved above
+        kept: list[tuple[int, str]] = []
+        for i, item, prompt in members:
+            try:
+                decode_item_into(item, videos[len(kept)])  # a failed item's slot is reused by the next
+            except Exception as e:  # noqa: BLE001 - a bad item fails alone
+                results[i].update(status="error", error=f"bad item: {type(e).__name__}: {e}")
+                continue
+            kept.append((i, prompt))
+        if kept:
+            for i, score, error in _score_group(reward, videos[: len(kept)], kept):
+                results[i].update({"status": "ok", "score": score} if error is None
+                                  else {"status": "error", "error": error})
+        del videos
     return results
 
 
-def _score_group(reward: Reward, group: list[tuple[int, Tensor, str]]) -> list[tuple[int, float, str | None]]:
-    """One batch call; if it raises, item by item, so one bad video costs one error."""
-    videos = torch.stack([f for _, f, _ in group])
-    prompts = [p for _, _, p in group]
+def _score_group(reward: Reward, videos: Tensor, group: list[tuple[int, str]]) -> list[tuple[int, float, str | None]]:
+    """One batch call on ``videos [n, T, 3, H, W]`` (``group``: each row's item index and prompt); if it raises,
+    item by item, so one bad video costs one error."""
+    prompts = [p for _, p in group]
     try:
         scores = reward(videos, prompts).float().cpu().tolist()
         return [(i, s, None if math.isfinite(s) else "the reward returned a non-finite score")
-                for (i, _, _), s in zip(group, scores)]
+                for (i, _), s in zip(group, scores)]
     except Exception:  # noqa: BLE001
         pass
     out = []
-    for i, frames, prompt in group:
+    for row, (i, prompt) in enumerate(group):
         try:
-            s = float(reward(frames[None], [prompt])[0])
+            s = float(reward(videos[row : row + 1], [prompt])[0])
             out.append((i, s, None if math.isfinite(s) else "the reward returned a non-finite score"))
         except Exception as e:  # noqa: BLE001
             out.append((i, float("nan"), f"{type(e).__name__}: {e}"))
     return out
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server with a fixed number of connection threads (``max_clients``) and a listen backlog as
+    deep: a burst of clients waits in the kernel's queue instead of being reset, and a client that finds every
+    thread busy gets a 503 at once (from one of at most ``max_clients`` short-lived answering threads; past those,
+    its connection is closed)."""
+
+    daemon_threads = True
+    BUSY_DRAIN_S = 2.0  # how long a 503'd connection is read (and discarded) so closing it does not reset it
+
+    def __init__(self, address: tuple[str, int], handler: type, max_clients: int) -> None:
+        self.request_queue_size = max_clients  # read by server_activate (listen) inside __init__
+        self.max_clients = max_clients
+        self._serving = threading.BoundedSemaphore(max_clients)
+        self._refusing = threading.BoundedSemaphore(max_clients)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self._serving.acquire(blocking=False):
+            threading.Thread(target=self._serve, args=(request, client_address), daemon=True).start()
+        elif self._refusing.acquire(blocking=False):
+            threading.Thread(target=self._busy, args=(request,), daemon=True).start()
+        else:
+            self.shutdown_request(request)
+
+    def _serve(self, request: Any, client_address: Any) -> None:
+        try:
+            self.process_request_thread(request, client_address)  # handles, reports errors, closes
+        finally:
+            self._serving.release()
+
+    def _busy(self, sock: Any) -> None:
+        """Answer 503, then read what the client sends until it closes (or for ``BUSY_DRAIN_S``): closing a socket
+        with unread bytes would reset the connection, and the client could lose the answer."""
+        body = json.dumps({"error": f"this reward server is serving its maximum of {self.max_clients} clients at "
+                                    "once (max_clients); retry in a moment"}).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {JSON}\r\nContent-Length: {len(body)}\r\n"
+                "Retry-After: 1\r\nConnection: close\r\n\r\n").encode()
+        try:
+            deadline = time.monotonic() + self.BUSY_DRAIN_S
+            sock.settimeout(self.BUSY_DRAIN_S)
+            sock.sendall(head + body)
+            sock.shutdown(SHUT_WR)
+            while time.monotonic() < deadline and sock.recv(1 << 16):
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+        except OSError:
+            pass  # the client left, or kept sending past the drain time: nothing more to tell it
+        finally:
+            self.close_request(sock)
+            self._refusing.release()
 
 
 class _ReadDeadline(Exception):
@@ -380,7 +470,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the unread body must not be parsed as the next request
             self._reply(404, {"error": f"unknown path {self.path}; POST to /score"}, ctype)
             return
-        raw = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding") is not None:
+            self.close_connection = True
+            self._reply(400, {"error": "Transfer-Encoding is not supported; send the body with a Content-Length"},
+                        ctype)
+            return
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1:  # which one frames the body is ambiguous (request smuggling): refuse them all
+            self.close_connection = True
+            self._reply(400, {"error": f"Content-Length is given {len(lengths)} times; give it once"}, ctype)
+            return
+        raw = lengths[0] if lengths else None
         if raw is None:
             self.close_connection = True
             self._reply(411, {"error": "Content-Length is required"}, ctype)
@@ -437,7 +537,7 @@ class RemoteReward:
         encoding: "rgb24" (lossless, large) or "mp4" (H.264 crf 18, ~50× smaller).
         fps: frame rate sent with each video.
         max_request_bytes: batches are split into requests below this size.
-        max_decoded_bytes: ... and below this many decoded frame bytes (``frames × height × width × 3``), at most
+        max_decoded_bytes: ... and below this many bytes of decoded frames (float32, `video.decoded_bytes`), at most
             the server's own ``max_decoded_bytes`` (default 1 GiB for both).
     ``extras["errors"]`` maps the batch index of each failed item to its message after every call.
     """
@@ -458,6 +558,7 @@ class RemoteReward:
     scale: tuple[float, float] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     _down_until: float = field(default=0.0, repr=False)
+    _down_because: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.reward
@@ -490,10 +591,12 @@ class RemoteReward:
     def _requests(self, items: list[dict[str, Any]], errors: dict[int, str]) -> list[list[dict[str, Any]]]:
         """Greedy split into requests under ``max_request_bytes`` and ``max_decoded_bytes``; an item alone over
         either is an item error."""
+        from astrolabe_rl.video import decoded_bytes
+
         batches, current, size, decoded = [], [], 0, 0
         for it in items:
             n = len(it["data"]) + len(it["prompt"].encode()) + 256
-            d = it["frames"] * it["height"] * it["width"] * 3
+            d = decoded_bytes(it["frames"], it["height"], it["width"])
             if n > self.max_request_bytes:
                 errors[int(it["id"])] = f"video is {n} bytes encoded, over max_request_bytes={self.max_request_bytes}"
                 continue
@@ -510,9 +613,9 @@ class RemoteReward:
 
     def _post(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One request with bounded retries; returns the per-item results in order."""
-        if time.monotonic() < self._down_until:
-            raise RemoteRewardError(f"reward server {self.url} failed recently; not retrying for "
-                                    f"{self._down_until - time.monotonic():.0f} s more")
+        if time.monotonic() < self._down_until:  # the cause is said again: it is the first error a caller may see
+            raise RemoteRewardError(f"reward server {self.url} failed recently ({self._down_because}); not retrying "
+                                    f"for {self._down_until - time.monotonic():.0f} s more")
         body = pack({"protocol": PROTOCOL, "reward": self.reward, "items": items}, self.content_type)
         last = ""
         for attempt in range(self.retries + 1):
@@ -528,6 +631,7 @@ class RemoteReward:
                 raise RemoteRewardError(f"{self.url} answered {len(results)} items for {len(items)}")
             return results
         self._down_until = time.monotonic() + self.cooldown_s
+        self._down_because = last
         raise RemoteRewardError(f"reward server {self.url} failed after {self.retries + 1} attempts: {last}")
 
     def _send(self, body: bytes) -> dict[str, Any]:
@@ -542,7 +646,9 @@ class RemoteReward:
                 raise _Retryable(f"HTTP {e.code}: {detail}") from e
             raise RemoteRewardError(f"{self.url} refused the request (HTTP {e.code}): {detail}") from e
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-            raise _Retryable(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from e
+            reason = getattr(e, "reason", e)
+            said = reason.strerror if isinstance(reason, OSError) and reason.strerror else str(reason)
+            raise _Retryable(said[:1].lower() + said[1:]) from e
 
 
 class _Retryable(Exception):
@@ -563,6 +669,9 @@ def remote_reward(url: str = "http://127.0.0.1:8765", reward: str = "hpsv3", nam
     return RemoteReward(url, reward, name, **options)
 
 
+remote_reward.options = RemoteReward  # the options it forwards, checked by `rewards.base.check_reward`
+
+
 # --------------------------------------------------------------------------------------------------- CLI
 
 
@@ -577,7 +686,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0 = any free port)")
     p.add_argument("--max-request-mb", type=float, default=256.0, help="refuse larger requests (default 256)")
     p.add_argument("--max-decoded-mb", type=float, default=1024.0,
-                   help="decoded frames (uint8) one request may cost; items past it fail alone (default 1024)")
+                   help="memory the decoded frames (float32, 12 bytes a pixel) of one request may take; items past it "
+                        "fail alone (default 1024)")
+    p.add_argument("--max-clients", type=int, default=64,
+                   help="connections served at once (and the listen backlog); more get 503 at once (default 64)")
     p.add_argument("--request-timeout", type=float, default=60.0,
                    help="seconds a client has to send a whole request; slower ones get 408 (default 60)")
     p.add_argument("--device", default=None, help="device for every reward (default: cuda if available)")
@@ -594,7 +706,8 @@ def serve_reward_command(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         warnings.warn(f"serving on {args.host}: anyone who can reach this port can use the rewards (no auth)")
     server = RewardServer(rewards, args.host, args.port, int(args.max_request_mb * (1 << 20)),
-                          request_timeout=args.request_timeout, max_decoded_bytes=int(args.max_decoded_mb * (1 << 20)))
+                          request_timeout=args.request_timeout, max_decoded_bytes=int(args.max_decoded_mb * (1 << 20)),
+                          max_clients=args.max_clients)
     print(json.dumps({"serving": sorted(rewards), "url": server.url}), flush=True)
     try:
         server.serve_forever()
