@@ -262,6 +262,70 @@ def test_resolve_resume(tmp_path):
         resolve_resume(tmp_path, str(tmp_path / "checkpoints" / "step-000100"))
 
 
+def _flip_bytes_in_place(path, at: int, n: int = 4) -> None:
+    """Corrupt a file without changing its size (a bad disk or a bad copy): the marker's sizes still match."""
+    data = bytearray(path.read_bytes())
+    for k in range(at, at + n):
+        data[k] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def test_a_file_changed_at_the_same_size_is_refused_and_resume_auto_falls_back(tmp_path):
+    first = save_checkpoint(tmp_path, 1, {**_state(1), "policy": {"step": 1, "weights": [1.0, 2.0]}}, config=CONFIG)
+    second = save_checkpoint(tmp_path, 2, {**_state(2), "policy": {"step": 2, "weights": [3.0, 4.0]}}, config=CONFIG)
+    assert set(read_marker(second)["sha256"]) == set(read_marker(second)["files"])
+    _flip_bytes_in_place(second / "policy.pt", at=60)
+    assert read_marker(second) is not None and latest_checkpoint(tmp_path) == second  # sizes cannot tell
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"step-000002 is corrupt: the content of policy.pt differs"):
+        load_checkpoint(second)
+    with pytest.raises(ckpt.CorruptCheckpointError, match="policy.pt"):
+        ckpt.load_resume(tmp_path, str(second))  # named explicitly: refused, not replaced
+    said = []
+    path, state = ckpt.load_resume(tmp_path, "auto", warn=said.append)
+    assert path == first and state["policy"] == {"step": 1, "weights": [1.0, 2.0]}
+    assert len(said) == 1 and "policy.pt differs" in said[0] and "resuming from the newest intact checkpoint, " \
+        "step-000001" in said[0]
+    _flip_bytes_in_place(first / "adapters.safetensors", at=100)
+    with pytest.raises(ckpt.CorruptCheckpointError, match="every checkpoint in .* is corrupt"):
+        ckpt.load_resume(tmp_path, "auto")
+
+
+def test_a_format_1_checkpoint_without_checksums_still_loads_and_a_broken_file_is_one_message(tmp_path):
+    folder = save_checkpoint(tmp_path, 1, {**_state(1), "policy": {"step": 1}}, config=CONFIG)
+    marker = json.loads((folder / "COMPLETE").read_text())
+    del marker["sha256"]
+    marker["format"] = 1
+    (folder / "COMPLETE").write_text(json.dumps(marker))
+    assert load_checkpoint(folder)["policy"] == {"step": 1}
+    size = (folder / "policy.pt").stat().st_size
+    noise = torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    (folder / "policy.pt").write_bytes(noise.numpy().tobytes())  # same size: only loading can tell
+    with pytest.raises(ckpt.CorruptCheckpointError, match="policy.pt does not load") as info:
+        load_checkpoint(folder)
+    assert "weights_only" not in str(info.value)  # torch's advice to unpickle anyway is not repeated
+
+
+def test_a_full_disk_mid_save_leaves_no_temp_folder_and_says_which_checkpoint_remains(tmp_path, monkeypatch):
+    import errno
+
+    first = save_checkpoint(tmp_path, 1, _state(1), config=CONFIG)
+    real_save_pt = ckpt._save_pt
+
+    def full(path, obj):
+        if path.name == "trainer.pt":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from OSError(
+                errno.ENOSPC, "No space left on device")
+        real_save_pt(path, obj)
+
+    monkeypatch.setattr(ckpt, "_save_pt", full)
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"could not write checkpoint step-000002 into .*: no space "
+                                                        r"left on the device \(.* MiB free\); nothing of it was kept "
+                                                        r"and the newest complete checkpoint is step-000001"):
+        save_checkpoint(tmp_path, 2, _state(2), config=CONFIG)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]
+    assert latest_checkpoint(tmp_path) == first
+
+
 # ------------------------------------------------------------------------------------------------ config checks
 
 

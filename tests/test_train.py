@@ -16,7 +16,7 @@ from astrolabe_rl.algo.sync import old_decay
 from astrolabe_rl.config import TrainConfig, load_config
 from astrolabe_rl.models import CausalWan, WanConfig, get_family
 from astrolabe_rl.policy import Policy
-from astrolabe_rl.rewards.base import FunctionReward
+from astrolabe_rl.rewards.base import FunctionReward, RewardFailureError
 from astrolabe_rl.train import recipe
 from astrolabe_rl.train.dist import shutdown
 
@@ -184,8 +184,11 @@ def test_a_failing_reward_marks_its_samples(tmp_path, policy):
     if not red.any():
         pytest.skip("this epoch drew no red prompt")
     assert report.failed["sharpness"] == int(red.sum()) and "cannot score red things" in report.first_error["sharpness"]
-    if policy == "abort":
-        with pytest.raises(RuntimeError, match="on_error=abort"):
+    if policy == "abort":  # one line naming the reward and its own error, before the advantages
+        with pytest.raises(RewardFailureError, match="reward sharpness failed on .* rewards.on_error=abort; first error: "
+                                                     "RuntimeError: cannot score red things"):
+            recipe.check_rewards(world, report, 0)
+        with pytest.raises(RewardFailureError, match="reward sharpness failed .* rewards.on_error=abort"):
             recipe.advantage_phase(world, batch, scores)
     else:
         adv = recipe.advantage_phase(world, batch, scores)

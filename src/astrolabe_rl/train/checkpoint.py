@@ -16,12 +16,20 @@ On-disk layout (one folder per saved step; ``state`` is the dict given to `save_
         adapter_model.safetensors, adapter_config.json
                                files written by ``export`` (the recipe's EMA adapter in peft format, so the folder
                                  is itself an adapter for ``--adapter``): listed, never loaded back
-        COMPLETE               JSON: format, step, time, config_hash, world_size, {file: size in bytes}, exports
+        COMPLETE               JSON: format, step, time, config_hash, world_size, {file: size in bytes},
+                                 {file: sha256 of its content}, exports
       .tmp-step-000330/        a save in progress (or one that crashed): never loaded, removed by the next save
 
 A save writes everything into ``.tmp-step-XXXXXX``, fsyncs it, renames it to ``step-XXXXXX`` and only then writes
 ``COMPLETE`` (itself atomically). A folder is a checkpoint if and only if its marker parses and every file it
 lists has the recorded size, so a crash at any point leaves the previous checkpoint as the newest complete one.
+A save that fails (a full disk) removes its temporary folder and raises `CheckpointWriteError`, one message that
+says which checkpoint was lost and which complete one a resume would take.
+
+Loading checks every file against the SHA-256 its marker records, so a file changed after its save (a bad disk, a
+bad copy, the same size or not) is refused as `CorruptCheckpointError`, naming the file; `load_resume` with
+``resume="auto"`` then falls back to the newest older checkpoint that is intact (markers of format 1, before
+checksums, are checked by size and by whether the files load).
 
 A run folder belongs to one run (`claim_run_dir`): an advisory lock (``run_dir/.lock``, holding the owner's pid and
 host) makes a second run into it fail at once, and a fresh run into a folder that already holds a run fails unless it
@@ -56,7 +64,7 @@ CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".lock"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added the content checksums (``sha256``); format 1 markers still load, checked by size
 
 _STEP_DIR = re.compile(r"step-(\d{6,})")
 _STATE_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -216,23 +224,61 @@ def save_checkpoint(
 
     exports: list[str] = []
     if is_main:
-        _fresh_dir(tmp)
+        _writing(root, final, lambda: _fresh_dir(tmp), tmp)
     wait()  # the temp folder exists before any rank writes into it
-    try:
+
+    def write() -> None:
+        nonlocal exports
         _save_pt(tmp / _RNG_FILE.format(rank=rank), rng)
         if is_main:
             _save_shared(tmp, state, config)
             exports = _export(tmp, export)
-    except BaseException:
-        if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    _writing(root, final, write, tmp if is_main else None)
     wait()  # every rank's files are on disk before the folder is published
     if is_main:
-        _publish(tmp, final, step, config, exports)
+        _writing(root, final, lambda: _publish(tmp, final, step, config, exports), tmp, unmarked=final)
         _prune(root, keep_last, final)
     wait()  # no rank moves on (or loads) before the checkpoint is complete
     return final if is_main else None
+
+
+def _writing(root: Path, final: Path, write: Callable[[], None], tmp: Path | None,
+             unmarked: Path | None = None) -> None:
+    """Run one writing stage of a save; if it fails, remove what it left (the temp folder; ``unmarked``, a published
+    folder whose marker was never written) and raise `CheckpointWriteError` for an I/O failure (torch.save reports
+    a full disk as a RuntimeError, safetensors as a SafetensorError)."""
+    try:
+        write()
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, (OSError, RuntimeError)) and type(e).__name__ != "SafetensorError":
+            raise  # an interrupt leaves an unmarked folder as a kill would: never loaded, pruned by the next save
+        if unmarked is not None and not (unmarked / MARKER).is_file():
+            shutil.rmtree(unmarked, ignore_errors=True)
+        raise CheckpointWriteError(_write_failure(root, final.name, e)) from e
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a quota, an I/O error); its temporary files are gone and the
+    earlier checkpoints are untouched. The message says which checkpoint was lost and what a resume would take."""
+
+
+def _write_failure(root: Path, name: str, error: BaseException) -> str:
+    from astrolabe_rl.errors import no_space, os_error_message
+
+    if no_space(error):
+        free = shutil.disk_usage(root if root.is_dir() else root.parent).free
+        cause = f"no space left on the device ({free / 2**20:.1f} MiB free)"
+    elif isinstance(error, OSError):
+        cause = os_error_message(error)
+    else:
+        cause = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    latest = latest_checkpoint(root.parent)
+    kept = (f"the newest complete checkpoint is {latest.name}, which --resume auto continues from" if latest
+            else "no earlier checkpoint exists")
+    return f"could not write checkpoint {name} into {root}: {cause}; nothing of it was kept and {kept}"
 
 
 def _check_save_args(step: int, rank: int, keep_last: int | None, barrier: Callable[[], None] | None) -> None:
@@ -339,7 +385,8 @@ def _publish(tmp: Path, final: Path, step: int, config: Mapping[str, Any], expor
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync(final.parent)
-    files = {p.name: p.stat().st_size for p in sorted(final.iterdir())}
+    names = sorted(p.name for p in final.iterdir())
+    files = {name: (final / name).stat().st_size for name in names}
     marker = {
         "format": FORMAT_VERSION,
         "step": step,
@@ -347,12 +394,22 @@ def _publish(tmp: Path, final: Path, step: int, config: Mapping[str, Any], expor
         "config_hash": config_hash(config),
         "world_size": sum(name.startswith("rng-rank") for name in files),
         "files": files,
+        "sha256": {name: file_sha256(final / name) for name in names},
         "exports": exports,
     }
     part = final / f"{MARKER}.part"
     _write_bytes(part, json.dumps(marker, indent=1).encode())
     os.replace(part, final / MARKER)
     _fsync(final)
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's content, in hex (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _prune(root: Path, keep_last: int | None, keep: Path) -> None:
@@ -409,6 +466,9 @@ def resolve_resume(run_dir: str | Path, resume: str | Path | None) -> Path | Non
     path = Path(resume)
     if not path.exists() and (Path(run_dir) / CHECKPOINTS / path).exists():
         path = Path(run_dir) / CHECKPOINTS / path
+    if path.is_file():
+        raise ValueError(f"checkpoint.resume={resume} is a file; a checkpoint is a folder (step-XXXXXX, or "
+                         "resume=auto for the newest complete one)")
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint folder at {resume}; pass resume=auto or a step-XXXXXX folder")
     if read_marker(path) is None:
@@ -420,18 +480,47 @@ def resolve_resume(run_dir: str | Path, resume: str | Path | None) -> Path | Non
     return path
 
 
-def load_checkpoint(path: str | Path, rank: int = 0, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+class CorruptCheckpointError(ValueError):
+    """A checkpoint whose marker is complete but a file of which changed after the save or does not load."""
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Check every file of a complete checkpoint against the SHA-256 its marker records (every rank's files, so
+    every rank reaches the same verdict); raises `CorruptCheckpointError` naming the first file that differs.
+    Markers of format 1 (no checksums) pass: their files are checked as they load."""
+    path = Path(path)
+    marker = read_marker(path)
+    if marker is None:
+        raise ValueError(f"{path} is not a complete checkpoint (no valid {MARKER} marker); use resolve_resume()")
+    for name, digest in (marker.get("sha256") or {}).items():
+        if file_sha256(path / name) != digest:
+            raise CorruptCheckpointError(
+                f"checkpoint {path} is corrupt: the content of {name} differs from the checksum its {MARKER} marker "
+                "recorded (the file changed after it was saved: a disk or copy error)")
+
+
+def load_checkpoint(path: str | Path, rank: int = 0, map_location: str | torch.device = "cpu",
+                    verify: bool = True) -> dict[str, Any]:
     """Read a checkpoint folder back into the ``state`` dict that was saved.
 
+    Args:
+        path: the checkpoint folder.
+        rank: whose RNG file to read.
+        map_location: where tensors land.
+        verify: check the files against their checksums first (`verify_checkpoint`).
     Returns:
         Every saved entry (tensor dicts from safetensors, the rest from torch.load) on ``map_location``, plus
         ``"rng"``: this rank's RNG state for `restore_rng` (always on CPU; None, with a warning, when the checkpoint
         was written by fewer ranks), and ``"config"``: the saved config as a nested dict.
+    Raises:
+        CorruptCheckpointError: a file differs from its checksum or does not load.
     """
     import yaml
     from safetensors.torch import load_file
 
     path = Path(path)
+    if verify:
+        verify_checkpoint(path)
     marker = read_marker(path)
     if marker is None:
         raise ValueError(f"{path} is not a complete checkpoint (no valid {MARKER} marker); use resolve_resume()")
@@ -442,12 +531,23 @@ def load_checkpoint(path: str | Path, rank: int = 0, map_location: str | torch.d
             continue
         file = path / name
         if name.endswith(".safetensors"):
-            state[file.stem] = load_file(file, device=str(map_location))
+            state[file.stem] = _readable(file, lambda f: load_file(f, device=str(map_location)))
         elif name.endswith(".pt") and not name.startswith("rng-rank"):
-            state[file.stem] = torch.load(file, map_location=map_location, weights_only=True)
+            state[file.stem] = _readable(file, lambda f: torch.load(f, map_location=map_location, weights_only=True))
     state["rng"] = _load_rng(path, rank, marker["world_size"])
-    state["config"] = yaml.safe_load((path / CONFIG_FILE).read_text())
+    state["config"] = _readable(path / CONFIG_FILE, lambda f: yaml.safe_load(f.read_text()))
     return state
+
+
+def _readable(file: Path, load: Callable[[Path], Any]) -> Any:
+    """``load(file)``; a file that does not load (cut, flipped bytes, not ours) raises `CorruptCheckpointError`."""
+    from astrolabe_rl.models.loading import load_error_detail
+
+    try:
+        return load(file)
+    except Exception as e:  # noqa: BLE001 - unpickling, zip and safetensors readers raise assorted errors
+        raise CorruptCheckpointError(f"checkpoint file {file} does not load ({type(e).__name__}: "
+                                     f"{load_error_detail(e)}); the checkpoint is corrupt") from e
 
 
 def _load_rng(path: Path, rank: int, world_size: int) -> dict[str, Any] | None:
@@ -459,7 +559,35 @@ def _load_rng(path: Path, rank: int, world_size: int) -> dict[str, Any] | None:
             stacklevel=3,
         )
         return None
-    return torch.load(file, map_location="cpu", weights_only=True)
+    return _readable(file, lambda f: torch.load(f, map_location="cpu", weights_only=True))
+
+
+def load_resume(run_dir: str | Path, resume: str | Path | None, rank: int = 0,
+                warn: Callable[[str], None] | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint a run resumes from (`resolve_resume`) and its state (`load_checkpoint`); None: start fresh.
+
+    With ``resume="auto"`` a corrupt checkpoint (`CorruptCheckpointError`) is skipped for the newest older one that
+    is intact, and ``warn`` (default: print to stderr) says so; a checkpoint named explicitly must be intact.
+    """
+    path = resolve_resume(run_dir, resume)
+    if path is None:
+        return None
+    if resume != "auto":
+        return path, load_checkpoint(path, rank=rank)
+    candidates = sorted(((s, f) for s, f in _step_dirs(Path(run_dir) / CHECKPOINTS) if read_marker(f)), reverse=True)
+    skipped: list[str] = []
+    for _, folder in candidates:
+        try:
+            state = load_checkpoint(folder, rank=rank)
+        except CorruptCheckpointError as e:
+            skipped.append(str(e))
+            continue
+        if skipped:
+            message = f"warning: {skipped[0]}; resuming from the newest intact checkpoint, {folder.name}"
+            (warn or (lambda m: print(m, file=sys.stderr, flush=True)))(message)
+        return folder, state
+    raise CorruptCheckpointError(f"every checkpoint in {Path(run_dir) / CHECKPOINTS} is corrupt (the newest: "
+                                 f"{skipped[0]}); start a fresh run_dir, or move the checkpoints aside")
 
 
 def _step_dirs(root: Path) -> Iterator[tuple[int, Path]]:
@@ -567,6 +695,9 @@ def claim_run_dir(run_dir: str | Path, *, resume: str | Path | None, overwrite: 
 
 def _move_aside(run_dir: Path, names: list[str]) -> Path:
     """Move ``names`` (entries of ``run_dir``) into a new sibling ``<run_dir>.old-<UTC time>[-k]``; returns it."""
+    run_dir = run_dir.resolve()  # run_dir=. (or ..) has no name of its own to put ".old-<time>" after
+    if not run_dir.name:
+        raise RunDirError(f"run_dir {run_dir} is the root folder; its contents cannot be moved aside: pick a run_dir")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     aside = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
     k = 1

@@ -25,6 +25,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.overwrite:
         cfg.checkpoint.overwrite = True
     metrics = train(cfg)
+    if not metrics:  # a finished run resumed: no epoch ran, nothing new to report
+        print(f"nothing to train: {cfg.run_dir} has already run its train.epochs={cfg.train.epochs} epochs (its "
+              "adapter is brought up to date); raise train.epochs to continue it", file=sys.stderr)
+        return 0
     print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("perf/")}, sort_keys=True))
     return 0
 

@@ -335,12 +335,22 @@ def _filter_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
             continue
         if keep(record):
             kept.append(line + "\n")
+    write_atomic(path, "".join(kept).encode("utf-8"))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (a hidden temp file beside it, fsynced, then renamed): a kill or a
+    full disk leaves the old file whole, and the temp file is removed when the write fails."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _scalar(name: str, value: float | Tensor) -> float:

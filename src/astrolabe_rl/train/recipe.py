@@ -55,7 +55,8 @@ from astrolabe_rl.models.schedule import renoise, sigma_of, x0_from_velocity
 from astrolabe_rl.models.wan import CausalWan
 from astrolabe_rl.policy import Policy
 from astrolabe_rl.rewards.async_ import AsyncScorer
-from astrolabe_rl.rewards.base import FailureReport, Reward, build_reward, check_failures, score_all
+from astrolabe_rl.rewards.base import (FailureReport, Reward, RewardFailureError, build_reward, check_failures,
+                                      check_reward, score_all)
 from astrolabe_rl.rewards.combine import combine_rewards
 from astrolabe_rl.rollout import PromptSwitch, rollout, rollout_window
 from astrolabe_rl.train import dist
@@ -65,12 +66,12 @@ from astrolabe_rl.train.checkpoint import (
     capture_rng,
     check_resume_compatible,
     claim_run_dir,
-    load_checkpoint,
+    load_resume,
     resolve_resume,
     restore_rng,
     save_checkpoint,
 )
-from astrolabe_rl.train.logging import RunLogger, progress
+from astrolabe_rl.train.logging import RunLogger, progress, write_atomic
 from astrolabe_rl.train.streaming import (WindowPasses, commit_history, decode_window, pixel_frame, window_frames,
                                          window_start)
 
@@ -165,7 +166,8 @@ def _read_prompts(path: str | None, inline: list[str], what: str) -> list[str]:
 def model_source(cfg: Config) -> ModelSource:
     """Where the run's weights come from (`models.build`, the builder every command uses)."""
     m = cfg.model
-    return ModelSource(checkpoint=m.checkpoint, lora=m.lora, wan_dir=m.wan_dir, init_seed=m.init_seed, vae=m.vae)
+    return ModelSource(checkpoint=m.checkpoint, lora=m.lora, wan_dir=m.wan_dir, init_seed=m.init_seed, vae=m.vae,
+                       trust_checkpoint=m.trust_checkpoint)
 
 
 def reference_adapters(cfg: Config) -> tuple[str, ...]:
@@ -181,9 +183,12 @@ def reference_adapters(cfg: Config) -> tuple[str, ...]:
 def setup(cfg: Config) -> World:
     """Build the world: distributed context, model + adapters, optimiser, rewards, prompts, logger, resume.
 
-    The run folder is claimed first (`claim_run_dir`), so a second run into it fails before anything is built; the
-    logger holds its lock and gives it up when it closes (`teardown`, or here if setup fails).
+    What can be checked without building anything is checked first (`preflight`), then the run folder is claimed
+    (`claim_run_dir`), so a second run into it fails before anything is built; nothing is written into it (the
+    logger's files) before the checkpoint to resume from has loaded, so a run that fails to start leaves the folder
+    as it found it. The logger holds the lock and gives it up when it closes (`teardown`, or here if setup fails).
     """
+    preflight(cfg)
     ctx = dist.init_distributed(None if cfg.model.device == "auto" else cfg.model.device)
     lock = _claim_run_dir(cfg, ctx)
     try:
@@ -192,6 +197,24 @@ def setup(cfg: Config) -> World:
         if lock is not None:
             lock.release()
         raise
+
+
+def preflight(cfg: Config) -> None:
+    """The checks that need no model: prompt files, rewards and their keywords, the epoch plan, the checkpoint to
+    resume from and the adapter to start from; each raises a ValueError (or FileNotFoundError) saying what to
+    change, before the run folder is touched."""
+    from astrolabe_rl.errors import path_problem
+
+    prompts = _read_prompts(cfg.data.train_prompts, cfg.data.prompts, "data.train_prompts")
+    _read_prompts(cfg.data.eval_prompts, cfg.data.eval_inline, "data.eval_prompts")
+    dist.GroupSampler(len(prompts), cfg.rollout.prompts_per_epoch, cfg.rollout.candidates, 1, 0, cfg.train.seed)
+    for item in cfg.rewards.components:
+        check_reward(item.name, item.kwargs)
+    for name in (*cfg.rewards.monitors, *cfg.eval.monitors):
+        check_reward(name)
+    resolve_resume(Path(cfg.run_dir), cfg.checkpoint.resume)
+    if cfg.lora.init and not Path(cfg.lora.init).is_dir() and path_problem(cfg.lora.init, "lora.init"):
+        raise FileNotFoundError(path_problem(cfg.lora.init, "lora.init"))
 
 
 def _claim_run_dir(cfg: Config, ctx: dist.DistContext) -> RunDirLock | None:
@@ -244,6 +267,10 @@ def _build(cfg: Config, ctx: dist.DistContext, lock: RunDirLock | None) -> World
     rewards = {item.name: build_reward(item.name, **item.kwargs) for item in cfg.rewards.components}
     monitors = {name: build_reward(name) for name in cfg.rewards.monitors}
     prompts = _read_prompts(cfg.data.train_prompts, cfg.data.prompts, "data.train_prompts")
+    resume = load_resume(Path(cfg.run_dir), cfg.checkpoint.resume, rank=ctx.rank,
+                         warn=lambda m: print(m, file=sys.stderr, flush=True) if ctx.is_main else None)
+    if resume is not None:
+        check_resume_compatible(resume[1]["config"], to_dict(cfg), CRITICAL_KEYS, cfg.checkpoint.force_resume)
     world = World(
         cfg=cfg, ctx=ctx, family=family, num_frames=num_frames, io=io,
         sampler=family.sampler_for(cfg.streaming.video_frames if streaming else num_frames),
@@ -259,19 +286,18 @@ def _build(cfg: Config, ctx: dist.DistContext, lock: RunDirLock | None) -> World
         reference=reference,
         reg=RegularizerState(rho=cfg.regularize.rho, threshold=cfg.regularize.reset_threshold),
     )
-    _maybe_resume(world)
+    _resume(world, resume)
     return world
 
 
-def _maybe_resume(world: World) -> None:
+def _resume(world: World, resume: tuple[Path, dict[str, Any]] | None) -> None:
+    """Put a loaded checkpoint's state (`load_resume`: its path and state) into the world; None: a fresh start."""
     cfg = world.cfg
-    path = resolve_resume(Path(cfg.run_dir), cfg.checkpoint.resume)
-    if path is None:
+    if resume is None:
         if cfg.checkpoint.resume is not None:  # resume=auto before the first checkpoint: the run starts over
             world.logger.rewind(0, epoch=0)
         return
-    state = load_checkpoint(path, rank=world.ctx.rank)
-    check_resume_compatible(state["config"], to_dict(cfg), CRITICAL_KEYS, cfg.checkpoint.force_resume)
+    path, state = resume
     world.policy.load_state_dict(state["policy"])
     world.optimizer.load_state_dict(state["optimizer"])
     dist.shard_optimizer_state_(world.optimizer)
@@ -437,7 +463,8 @@ def check_rewards(world: World, report: FailureReport, epoch: int) -> None:
     message = report.warning(epoch)
     if message and world.ctx.is_main:
         print(message, file=sys.stderr, flush=True)
-    check_failures(report, world.cfg.rewards.max_failed_frac, names=world.rewards)
+    check_failures(report, world.cfg.rewards.max_failed_frac, names=world.rewards,
+                   abort=world.cfg.rewards.on_error == "abort")
 
 
 @dataclass
@@ -467,8 +494,10 @@ def advantage_phase(world: World, batch: Batch, scores: dict[str, Tensor]) -> Ad
     order = gather(batch.global_index)
     total, norm = combine_rewards(all_scores, world.weights, groups, mode=cfg.rewards.combine)
     failed = ~torch.isfinite(total)
-    if failed.any() and cfg.rewards.on_error == "abort":
-        raise RuntimeError(f"{int(failed.sum())} samples have a failed reward and rewards.on_error=abort")
+    if failed.any() and cfg.rewards.on_error == "abort":  # `check_rewards` stops first, with the reward's own error
+        bad = [name for name, v in all_scores.items() if name in world.weights and not torch.isfinite(v).all()]
+        raise RewardFailureError(f"reward {', '.join(bad)} failed on {int(failed.sum())} samples and "
+                                 "rewards.on_error=abort; set rewards.on_error=zero or drop to train on the rest")
     adv = group_advantages(total, groups, std=cfg.train.adv_std)
     r = optimality_probability(torch.nan_to_num(adv, nan=0.0), cfg.train.adv_clip)  # failed: A = 0, r = ½
     mine = torch.isin(order, batch.global_index)  # this rank's slice, in its own order (contiguous chunk)
@@ -880,25 +909,51 @@ def run_epoch(world: World) -> dict[str, float]:
     return metrics
 
 
-def teardown(world: World) -> None:
-    """Undo `setup` in reverse: plots, the scorer's threads, the logger's files, the process group."""
-    try:
+def teardown(world: World, failing: bool = False) -> None:
+    """Undo `setup` in reverse: plots, the scorer's threads, the logger's files, the process group.
+
+    Every step runs whatever the others do. Plots are a convenience: one that cannot be drawn (a full disk) is a
+    warning. Another step's error is raised after the rest ran, unless the run is already ``failing``: then it is a
+    warning too, and the error that stopped the run is the one reported."""
+    def plots() -> None:
         if world.cfg.log.plots:
-            world.logger.plot()
-    finally:
-        world.scorer.close()
-        world.logger.close()
-        dist.shutdown()
+            try:
+                world.logger.plot()
+            except Exception as e:  # noqa: BLE001 - a missing figure never fails a run nor hides why it failed
+                _warn_line(world.ctx, f"could not draw the plots of {world.cfg.run_dir}: {_reason(e)}")
+
+    first: Exception | None = None
+    for step in (plots, world.scorer.close, world.logger.close, dist.shutdown):
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001 - finish tearing down, then report
+            if failing:
+                _warn_line(world.ctx, f"while stopping after an error: {_reason(e)}")
+            first = first or e
+    if first is not None and not failing:
+        raise first
+
+
+def _reason(error: BaseException) -> str:
+    from astrolabe_rl.errors import user_message
+
+    return user_message(error) or f"{type(error).__name__}: {error}"
+
+
+def _warn_line(ctx: dist.DistContext, message: str) -> None:
+    if ctx.is_main:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def train(cfg: Config, callbacks: Callbacks | None = None) -> dict[str, float]:
     """Run the recipe from scratch or from ``checkpoint.resume``; returns the last epoch's metrics."""
     callbacks = callbacks or Callbacks()
     world = setup(cfg)
+    failing = True
     try:
         if world.ctx.is_main:
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.run_dir) / "config.yaml").write_text(dump_yaml(cfg))
+            write_atomic(Path(cfg.run_dir) / "config.yaml", dump_yaml(cfg).encode())
         if callbacks.on_start:
             callbacks.on_start(world)
         bar = progress(cfg.train.epochs, "epochs", is_main=world.ctx.is_main) if cfg.log.progress else None
@@ -918,6 +973,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None) -> dict[str, float]:
         export_adapter(world)
         if callbacks.on_end:
             callbacks.on_end(world)
+        failing = False
     finally:
-        teardown(world)
+        teardown(world, failing=failing)
     return metrics
