@@ -65,6 +65,27 @@ def test_user_errors_become_one_line_and_bugs_keep_their_traceback(monkeypatch, 
         fails(ValueError("shown with its traceback on request"))
 
 
+def test_a_thread_dying_of_the_reported_error_adds_no_traceback(capsys):
+    """TensorBoard's writer thread re-raises the full disk the command then reports: one line, not a traceback."""
+    import threading
+
+    def command(full: bool):
+        def writer():
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        thread = threading.Thread(target=writer, name="tb-writer")
+        thread.start()
+        thread.join()
+        if full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return 0
+
+    assert cli.run(command, True) == 2
+    assert capsys.readouterr().err == "error: no space left on device\n"
+    assert cli.run(command, False) == 0  # the command went on: the thread's error is a warning, said once
+    assert capsys.readouterr().err == "warning: tb-writer stopped: no space left on device\n"
+
+
 def test_a_long_message_is_cut_to_its_ends():
     prompt = "a red ball " * 9000  # 99 KB, echoed twice by the toy encoder's message
     message = f"toy prompt {prompt!r} must be 1..10 words (unknown: {prompt.split()!r}); vocabulary: a red"

@@ -10,7 +10,8 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Callable
+import threading
+from typing import Any, Callable
 
 # command -> (the module whose ``add_parser`` registers it, the one-line help the command list shows)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -49,6 +50,7 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
     anything else is a bug and raises with its traceback (``ASTROLABE_TRACEBACK=1`` shows every traceback)."""
     from astrolabe_rl.errors import user_message
 
+    _THREADS.start()
     try:
         return func(args)
     except KeyboardInterrupt:
@@ -58,8 +60,57 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
         message = user_message(e)
         if message is None or os.environ.get("ASTROLABE_TRACEBACK"):
             raise
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        _THREADS.said.add(message)
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
         return 2
+    finally:
+        _THREADS.finish()
+
+
+class _ThreadErrors:
+    """Errors of background threads under a command. One that dies of a user error (TensorBoard's writer thread on a
+    full disk re-raises the error the command then reports) is said as one ``warning:`` line at the command's end,
+    unless the command's own ``error:`` line said the same; a bug keeps its traceback."""
+
+    def __init__(self) -> None:
+        self.said: set[str] = set()
+        self.pending: list[tuple[str, str]] = []  # (message, the line that says it)
+        self.running = False
+        self.lock = threading.Lock()
+        self.previous: Callable[[Any], None] | None = None
+
+    def start(self) -> None:
+        with self.lock:
+            self.running, self.pending, self.said = True, [], set()
+            if self.previous is None:
+                self.previous, threading.excepthook = threading.excepthook, self.hook
+
+    def hook(self, args: Any) -> None:
+        from astrolabe_rl.errors import user_message
+
+        message = user_message(args.exc_value) if isinstance(args.exc_value, Exception) else None
+        if message is None or os.environ.get("ASTROLABE_TRACEBACK"):
+            (self.previous or threading.__excepthook__)(args)
+            return
+        line = f"warning: {args.thread.name if args.thread is not None else 'a thread'} stopped: {message}"
+        with self.lock:
+            if self.running:
+                self.pending.append((message, line))
+            elif message not in self.said:
+                sys.stderr.write(line + "\n")
+
+    def finish(self) -> None:
+        with self.lock:
+            self.running = False
+            for message, line in dict.fromkeys(self.pending):
+                if message not in self.said:
+                    sys.stderr.write(line + "\n")
+            self.pending = []
+        sys.stderr.flush()
+
+
+_THREADS = _ThreadErrors()
 
 
 if __name__ == "__main__":
