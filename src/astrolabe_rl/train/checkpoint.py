@@ -573,7 +573,10 @@ def load_resume(run_dir: str | Path, resume: str | Path | None, rank: int = 0,
     if path is None:
         return None
     if resume != "auto":
-        return path, load_checkpoint(path, rank=rank)
+        try:
+            return path, load_checkpoint(path, rank=rank)
+        except CorruptCheckpointError as e:
+            raise CorruptCheckpointError(f"{e}; resume=auto falls back to the newest intact checkpoint") from e
     candidates = sorted(((s, f) for s, f in _step_dirs(Path(run_dir) / CHECKPOINTS) if read_marker(f)), reverse=True)
     skipped: list[str] = []
     for _, folder in candidates:
