@@ -2,13 +2,15 @@
 
 The geometry is the ``toy`` family preset (`models.families.TOY_WAN`), recorded in each file's metadata (a file
 built with another geometry loads as built); the weights are a plain safetensors state dict with the original Wan
-key names, stored in float16 and loaded into float32. `LOADER` is what the ``toy`` family's preset names (`models.build.FamilyLoader`): the shipped weights (or ``--checkpoint``), the word-table text
-encoder and the exact toy VAE, so ``generate``, ``evaluate``, ``merge-lora`` and training build it like any family.
+key names, stored in float16 and loaded into float32. `LOADER` is what the ``toy`` family's preset names
+(`models.build.FamilyLoader`): the shipped weights (or ``--checkpoint``), the word-table text encoder and the exact
+toy VAE, so ``generate``, ``evaluate``, ``merge-lora`` and training build it like any family.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -47,10 +49,12 @@ def toy_config(path: str | Path) -> WanConfig:
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    if "config" not in meta:
-        return get_family("toy").model
-    fields = json.loads(meta["config"])
-    return WanConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    return toy_geometry(json.loads(meta["config"]) if "config" in meta else {})
+
+
+def toy_geometry(fields: dict) -> WanConfig:
+    """The ``toy`` preset's `WanConfig` with ``fields`` replaced (JSON values: lists become the tuples it holds)."""
+    return replace(get_family("toy").model, **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def load_toy_model(path: str | Path | None = None, device: torch.device | str = "cpu",

@@ -39,7 +39,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -49,7 +48,7 @@ from astrolabe_rl.models.families import get_family
 from astrolabe_rl.models.schedule import shift_sigma, sigma_of
 from astrolabe_rl.models.wan import CausalWan
 from astrolabe_rl.toy import vae, world
-from astrolabe_rl.toy.model import FM_WEIGHTS, load_toy_model, save_weights, toy_config
+from astrolabe_rl.toy.model import FM_WEIGHTS, load_toy_model, save_weights, toy_config, toy_geometry
 from astrolabe_rl.toy.text import ToyTextEncoder
 
 DEFAULTS = dict(steps=2400, batch=16, lr=1e-3, warmup=50, weight_decay=0.01, ema=0.995, seed=0, caption_noise=0.25)
@@ -203,9 +202,7 @@ def pretrain(
     """
     family = get_family("toy")
     torch.manual_seed(seed)
-    config = toy_config(init) if init is not None else replace(
-        family.model, **{k: tuple(v) if isinstance(v, list) else v for k, v in (geometry or {}).items()})
-    model = CausalWan(config)
+    model = CausalWan(toy_config(init) if init is not None else toy_geometry(geometry or {}))
     if init is not None:
         model.load_state_dict(load_toy_model(init).state_dict())
     encoder = ToyTextEncoder()
