@@ -123,6 +123,9 @@ class TrainConfig:
     loss_form: str = _f("release", "release: plain x0 MSE; diffusionnft: adaptive weight and ×adv_clip/β")
     sigmas: str = _f("release_grid", "training noise levels: release_grid {1,.75,.5,.25}, sampler_grid (the warped steps), uniform U(0,1)")
     context: str = _f("noisy", "noisy: whole clip noised under a block-causal mask (released); clean: clean detached history (teacher forcing)")
+    noise: str = _f("fresh", "the training input x_t: fresh (released: x_t = (1 − σ)·x0 + σ·ε with a new ε, at a σ of train.sigmas) or rollout (the student's own sampling input at one of its steps, recorded during the rollout: each endpoint trained from the noise that produced it; train.sigmas is then unused; clip mode)")
+    update_passes: int = _f(1, "optimiser steps per epoch, each a pass over all of the epoch's rollouts with its own σ and noise draws; θ_old and the EMA follow every step (released: 1)")
+    norm_guard: float = _f(0.0, "weight of the velocity-norm hinge mean_i max(0, rms(v_θ) − rms(v_ref))² (NormGuard: penalises θ's velocity only where it outgrows the reference's, at the same x_t; v_ref is the KL's reference); 0 = off")
     old_decay: int = _f(1, "old-policy update: 0 copy, 1 η=min(old_decay_rate·step, old_decay_max), 2 delayed")
     old_decay_rate: float = _f(0.001, "η gained per optimiser step by schedule 1 (released 0.001: η = 0.5 at step 500)")
     old_decay_max: float = _f(0.5, "the cap of η in schedule 1 (released 0.5), in [0, 1)")
@@ -207,7 +210,7 @@ class Config:
 CRITICAL_KEYS = (
     "model.family", "model.checkpoint", "lora.rank", "lora.alpha", "lora.targets", "rollout.prompts_per_epoch",
     "rollout.candidates", "rollout.num_frames", "train.beta", "train.kl_weight", "train.adv_clip", "train.loss_form",
-    "train.sigmas", "train.context", "train.old_decay", "train.old_decay_rate", "train.old_decay_max", "train.seed", "train.epochs", "rewards.components",
+    "train.sigmas", "train.context", "train.noise", "train.update_passes", "train.norm_guard", "train.old_decay", "train.old_decay_rate", "train.old_decay_max", "train.seed", "train.epochs", "rewards.components",
     "rewards.combine", "train.reference", "regularize", "train.mode", "streaming",
 )
 
@@ -222,6 +225,7 @@ _CHOICES = {
     "train.loss_form": ("release", "diffusionnft"),
     "train.sigmas": ("release_grid", "sampler_grid", "uniform"),
     "train.context": ("noisy", "clean"),
+    "train.noise": ("fresh", "rollout"),
     "train.old_decay": (0, 1, 2),
     "dist.strategy": ("ddp", "fsdp2", "none"),
     "train.reference": ("base", "dynamic", "ema_ensemble"),
@@ -238,12 +242,12 @@ _CHOICES = {
 _POSITIVE = (
     "rollout.prompts_per_epoch", "rollout.candidates", "rollout.micro_batch", "train.epochs", "train.lr",
     "lora.rank", "lora.alpha", "train.grad_clip", "train.adv_clip", "checkpoint.keep_last", "train.adam_eps",
-    "regularize.rho_buffer", "regularize.reset_threshold", "regularize.reset_max_gap", "regularize.reset_threshold_max",
+    "train.update_passes", "regularize.rho_buffer", "regularize.reset_threshold", "regularize.reset_max_gap", "regularize.reset_threshold_max",
 )
 
 # Periods and counts where 0 has a meaning (see each field's doc) but a negative value has none.
 _NON_NEGATIVE = ("eval.every", "checkpoint.every", "eval.videos", "train.weight_decay", "streaming.boundary_weight",
-                 "streaming.decode_warmup")
+                 "streaming.decode_warmup", "train.norm_guard")
 
 # Values that are shares or probabilities: key -> (low, high, whether high itself is allowed).
 _UNIT_INTERVAL = {
@@ -498,6 +502,9 @@ def _validate_streaming(cfg: Config) -> None:
     """Window, starts and lengths against each other and the family's blocks (errors name the field)."""
     if cfg.train.mode != "streaming":
         return
+    if cfg.train.noise == "rollout":
+        raise ValueError("train.noise=rollout trains whole clips on their recorded sampling inputs; with "
+                         "train.mode=streaming use train.noise=fresh")
     st = cfg.streaming
     if not 0 < st.window <= st.video_frames:
         raise ValueError(f"streaming.window={st.window} must lie in [1, streaming.video_frames={st.video_frames}]: "

@@ -139,6 +139,23 @@ def kl_term(x0_theta: Tensor, x0_ref: Tensor) -> Tensor:
     return _mean_per_sample((x0_theta.float() - x0_ref.detach().float()).square())
 
 
+def _rms(x: Tensor) -> Tensor:
+    return _mean_per_sample(x.float().square()).sqrt()
+
+
+def norm_guard(v_theta: Tensor, v_ref: Tensor) -> Tensor:
+    """NormGuard's velocity-norm hinge per sample,  max(0, rms(v_θ) − rms(v_ref))²:  ``[B, ...]`` x2 -> ``[B]`` float32.
+
+    rms is the root mean square over the non-batch dims (``[B, F, C, H, W]`` velocities at the same x_t); v_ref is
+    detached. NFT-style losses inflate ‖v_θ‖ over the reference's and rescaling at inference does not undo it
+    (reference/distilled_rl.md §1a, NormGuard), so the hinge acts only while θ's velocity is the larger: zero loss
+    and zero gradient below the reference's norm.
+    """
+    if v_theta.shape != v_ref.shape:
+        raise ValueError(f"v_theta {tuple(v_theta.shape)} and v_ref {tuple(v_ref.shape)} must match")
+    return (_rms(v_theta) - _rms(v_ref.detach())).clamp_min(0).square()
+
+
 def nft_objective(
     x0_theta: Tensor,
     x0_old: Tensor,
@@ -151,8 +168,12 @@ def nft_objective(
     adv_clip: float = 5.0,
     kl_mask: Tensor | None = None,
     sample_weight: Tensor | None = None,
+    v_theta: Tensor | None = None,
+    v_ref: Tensor | None = None,
+    guard_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Full micro-batch loss  L = L_policy + λ_KL · L_KL  (DESIGN §3; reference/astrolabe.md §2.2 step 8, §4.2).
+    """Full micro-batch loss  L = L_policy + λ_KL · L_KL + λ_g · mean_i norm_guard_i  (DESIGN §3;
+    reference/astrolabe.md §2.2 step 8, §4.2; the guard is beyond the release, `norm_guard`).
 
     L_KL = mean of ``kl_term`` over the samples selected by ``kl_mask`` (``[B]`` bool; None = all samples, the
     non-selective release). With a mask that selects nobody, L_KL = 0, as released. ``sample_weight`` weights the
@@ -160,11 +181,22 @@ def nft_objective(
     is still a valid point to regularise at. ``x0_ref=None`` or
     ``kl_weight=0`` skips the reference entirely. Returns the scalar loss and the ``nft_loss`` stats plus
     ``kl`` (mean over all samples, for logging even where unselected), ``kl_selected`` (the L_KL used),
-    ``kl_frac`` (share of samples selected) and ``loss``.
+    ``kl_frac`` (share of samples selected) and ``loss``. With the velocities ``v_theta`` and ``v_ref`` (``[B, F, C,
+    H, W]``, at the same x_t) it logs ``v_norm_ratio`` (mean rms(v_θ)/rms(v_ref)) and, with ``guard_weight`` > 0,
+    adds the hinge (logged as ``norm_guard``).
     """
     loss, stats = nft_loss(
         x0_theta, x0_old, x0_clean, r, beta=beta, form=form, adv_clip=adv_clip, sample_weight=sample_weight
     )
+    if v_theta is not None and v_ref is not None:
+        with torch.no_grad():
+            stats["v_norm_ratio"] = (_rms(v_theta) / _rms(v_ref).clamp_min(1e-12)).mean()
+        if guard_weight > 0:
+            guard = norm_guard(v_theta, v_ref).mean()
+            loss = loss + guard_weight * guard
+            stats["norm_guard"] = guard.detach()
+    elif guard_weight > 0:
+        raise ValueError("guard_weight > 0 needs both velocities, v_theta and v_ref")
     if x0_ref is None or kl_weight == 0:
         stats["loss"] = loss.detach()
         return loss, stats

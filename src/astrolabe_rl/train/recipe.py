@@ -58,7 +58,7 @@ from astrolabe_rl.rewards.async_ import AsyncScorer
 from astrolabe_rl.rewards.base import (FailureReport, Reward, RewardFailureError, build_reward, check_failures,
                                       check_reward, score_all)
 from astrolabe_rl.rewards.combine import combine_rewards
-from astrolabe_rl.rollout import PromptSwitch, rollout, rollout_window
+from astrolabe_rl.rollout import BlockTrace, PromptSwitch, rollout, rollout_window
 from astrolabe_rl.train import dist
 from astrolabe_rl.train.checkpoint import (
     RunDirError,
@@ -132,6 +132,8 @@ class Batch:
     pending: list[Future | "WindowScore"]  # the scorer's results, one per micro-batch: .result() -> {name: [b]}
     first_videos: Tensor | None  # decoded videos of the first micro-batch [b, T, 3, H, W], for logging
     windows: list["Window"] | None = None  # train.mode=streaming: the prompts' histories and window starts
+    inputs: Tensor | None = None  # train.noise=rollout: the sampler's noisy inputs [n, S, F, C, H, W] at its S steps
+    timesteps: tuple[float, ...] = ()  # train.noise=rollout: the S timesteps of ``inputs``
 
 
 @dataclass
@@ -319,16 +321,32 @@ def _chunks(n: int, size: int) -> list[slice]:
 
 
 @torch.no_grad()
-def sample_videos(world: World, model: CausalWan, text: Tensor,
-                  seeds: list[int]) -> Iterator[tuple[slice, Tensor, Tensor]]:
+def sample_videos(world: World, model: CausalWan, text: Tensor, seeds: list[int],
+                  inputs: list[Tensor] | None = None) -> Iterator[tuple[slice, Tensor, Tensor]]:
     """Sample one video per (text embedding ``[n, L, D]``, seed) with the family's own few-step sampler (CFG-free)
     in micro-batches of ``rollout.micro_batch``, and decode each: yields ``(slice into the n, latents [b, F, C, h, w],
     videos [b, T, 3, H, W] float in [0, 1])`` as each micro-batch is ready. Training, evaluation and the demo sample
-    here; the caller encodes the prompts once and keeps the embeddings for what follows (the update, the KL)."""
+    here; the caller encodes the prompts once and keeps the embeddings for what follows (the update, the KL).
+    With an ``inputs`` list, each micro-batch's sampler inputs ``[b, S, F, C, h, w]`` (`trajectory`) are appended
+    to it."""
     for sl in _chunks(text.shape[0], world.cfg.rollout.micro_batch):
         out = rollout(model, text[sl], num_frames=world.num_frames, latent_hw=world.family.latent_hw,
-                      sampler=world.sampler, seeds=seeds[sl])
+                      sampler=world.sampler, seeds=seeds[sl], record=inputs is not None)
+        if inputs is not None:
+            inputs.append(trajectory(out.traces)[0])
         yield sl, out.latents, world.io.decode(out.latents).float()
+
+
+def trajectory(traces: list[BlockTrace]) -> tuple[Tensor, tuple[float, ...]]:
+    """The blocks' recorded sampler inputs as one clip per step: ``[B, S, F, C, H, W]`` and the S timesteps.
+
+    Step k of every block is taken at the same timestep, so a family whose first block samples on another list
+    (Causal Forcing++'s few-step models) cannot be trained this way: the error says so."""
+    steps = {t.timesteps for t in traces}
+    if len(steps) != 1:
+        raise ValueError(f"train.noise=rollout needs one step list for every block; this sampler uses {sorted(steps)}: "
+                         "use train.noise=fresh")
+    return torch.cat([t.inputs for t in traces], dim=2), traces[0].timesteps
 
 
 def rollout_phase(world: World, plan: list[dist.Sample]) -> Batch:
@@ -342,7 +360,8 @@ def rollout_phase(world: World, plan: list[dist.Sample]) -> Batch:
     seeds = [s.seed_for_noise for s in plan]
     text = world.io.encode(prompts)
     latents, pending, first_videos = [], [], None
-    for sl, lat, videos in sample_videos(world, world.policy.sampling_model(), text, seeds):
+    inputs: list[Tensor] | None = [] if world.cfg.train.noise == "rollout" else None
+    for sl, lat, videos in sample_videos(world, world.policy.sampling_model(), text, seeds, inputs):
         latents.append(lat)
         first_videos = videos if first_videos is None else first_videos
         pending.append(world.scorer.submit(videos, prompts[sl]))
@@ -356,6 +375,8 @@ def rollout_phase(world: World, plan: list[dist.Sample]) -> Batch:
         prompts=prompts,
         pending=pending,
         first_videos=first_videos,
+        inputs=None if inputs is None else torch.cat(inputs),
+        timesteps=world.sampler.steps.for_block(first=False) if inputs is not None else (),
     )
 
 
@@ -578,10 +599,11 @@ def micro_step(
     r: Tensor,
     keep: Tensor,
     sigma: float,
-    noise: Tensor,
+    noise: Tensor | None,
     reference: Sequence[str] = ("base",),
     kl_mask: Tensor | None = None,
     window: WindowPasses | None = None,
+    x_t: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The three passes on one micro-batch and the NFT objective (before accumulation scaling).
 
@@ -593,12 +615,15 @@ def micro_step(
     the window's earlier blocks clean (`train.streaming.WindowPasses`); its ``overlap`` frames (the history's last,
     already committed) are trained with it: the NFT loss covers the window, and θ's x̂0 of the overlap is pulled to
     the committed frames, ``boundary_weight·‖x̂0_θ − x0‖²`` (logged as ``boundary``); ``noise`` then covers both.
+    ``x_t`` (``train.noise=rollout``) replaces the forward-noised input: the sampler's own input at σ (``noise`` is
+    then unused). With ``tcfg.norm_guard`` the velocity-norm hinge against the reference is added (`nft_objective`).
     """
     lead = 0 if window is None or window.overlap is None else window.overlap.shape[1]
     window_x0 = x0
     if lead:
         x0 = torch.cat([window.overlap.expand(x0.shape[0], -1, -1, -1, -1).to(x0.dtype), x0], dim=1)
-    x_t = renoise(x0, sigma, noise)
+    if x_t is None:
+        x_t = renoise(x0, sigma, noise)
     t = sigma * 1000.0
     layout = dict(
         frames_per_block=sampler.frames_per_block,
@@ -608,25 +633,27 @@ def micro_step(
         t_clean=sampler.steps.context_timestep,
     )
 
-    def predict(model: torch.nn.Module) -> Tensor:
-        v = model(x_t, t, text, **layout) if window is None else window.velocity(dist.unwrap(model), x_t, t, text, x0)
-        return x0_from_velocity(x_t, v, sigma)
+    def velocity(model: torch.nn.Module) -> Tensor:
+        return model(x_t, t, text, **layout) if window is None else window.velocity(dist.unwrap(model), x_t, t, text, x0)
 
     with torch.no_grad():
         with policy.use("old") as model:
-            x0_old = predict(model)
-        x0_ref = None
-        if tcfg.kl_weight > 0:
+            x0_old = x0_from_velocity(x_t, velocity(model), sigma)
+        v_ref = None
+        if tcfg.kl_weight > 0 or tcfg.norm_guard > 0:
             for name in reference:
                 with policy.use(name) as model:
-                    pred = predict(model)
-                x0_ref = pred if x0_ref is None else x0_ref + pred
-            x0_ref = x0_ref / len(reference)
-    x0_theta = predict(train_model)
+                    v = velocity(model)
+                v_ref = v if v_ref is None else v_ref + v
+            v_ref = v_ref / len(reference)  # x̂0 is affine in v: the mean velocity gives the mean x̂0
+    v_theta = velocity(train_model)
+    x0_theta = x0_from_velocity(x_t, v_theta, sigma)
+    x0_ref = None if v_ref is None or tcfg.kl_weight == 0 else x0_from_velocity(x_t, v_ref, sigma)
     loss, stats = nft_objective(
         x0_theta[:, lead:], x0_old[:, lead:], None if x0_ref is None else x0_ref[:, lead:], window_x0, r,
         beta=tcfg.beta, kl_weight=tcfg.kl_weight, form=tcfg.loss_form, adv_clip=tcfg.adv_clip, kl_mask=kl_mask,
-        sample_weight=keep.float(),
+        sample_weight=keep.float(), v_theta=v_theta[:, lead:],
+        v_ref=None if v_ref is None else v_ref[:, lead:], guard_weight=tcfg.norm_guard,
     )
     if lead:
         boundary = (x0_theta[:, :lead].float() - x0[:, :lead].float()).square().mean()
@@ -636,14 +663,19 @@ def micro_step(
 
 
 def update_phase(world: World, batch: Batch, adv: Advantages, kl_mask: Tensor,
-                 epoch: int) -> tuple[bool, dict[str, float]]:
+                 epoch: int, pass_index: int = 0) -> tuple[bool, dict[str, float]]:
     """Accumulate the NFT gradient over every micro-batch, then one clipped AdamW step; ``kl_mask [n]`` bool: the
-    samples the KL covers (`regularize_phase`).
+    samples the KL covers (`regularize_phase`). ``pass_index`` (0 to ``train.update_passes`` − 1) gives each pass
+    over the same rollouts its own σ and noise draws.
+
+    The input of a micro-batch is the released forward noising at one σ of ``train.sigmas``, or with
+    ``train.noise=rollout`` the sampler's own inputs at one of its steps, drawn the same way (`Batch.inputs`).
 
     Returns whether the optimiser stepped (not when the gradient is non-finite, or when no sample of the epoch has
     a usable reward: nothing to learn from) and the metrics: every statistic of the objective as ``loss/<name>``
-    (mean over micro-batches), the training σ, the gradient norm, and ``reg/kl_selected``: the KL averaged over
-    every selected sample of every rank (what the dynamic reference's reset rule reads).
+    (mean over micro-batches), the policy loss per training σ as ``loss_sigma/<σ>`` (σ to two decimals; quarters
+    of (0, 1] for ``train.sigmas=uniform``), the training σ, the gradient norm, and ``reg/kl_selected``: the KL
+    averaged over every selected sample of every rank (what the dynamic reference's reset rule reads).
     """
     cfg = world.cfg
     world.optimizer.zero_grad(set_to_none=True)
@@ -657,19 +689,27 @@ def update_phase(world: World, batch: Batch, adv: Advantages, kl_mask: Tensor,
     selected = torch.zeros(2, dtype=torch.float64, device=batch.latents.device)  # Σ KL over selected, count
     old_history: dict[str, Any] = {}  # streaming, history_kv=old: θ_old's history cache of the current window
     order = batch.global_index.tolist()  # one host read per epoch, not per micro-step
+    by_sigma: dict[str, list] = {}  # σ label -> [Σ policy loss, micro-batches]
+    passes = (pass_index,) if pass_index else ()  # pass 0 keeps the single-pass draws
     for i, sl in enumerate(chunks):
-        g = torch.Generator().manual_seed(dist.mix_seed(cfg.train.seed, "sigma", epoch, order[sl][0]))
-        sigma = _train_sigmas(world, g)
-        seeds = [dist.mix_seed(cfg.train.seed, "train-noise", epoch, j) for j in order[sl]]
+        g = torch.Generator().manual_seed(dist.mix_seed(cfg.train.seed, "sigma", epoch, *passes, order[sl][0]))
+        x_t = None
+        if batch.inputs is None:
+            sigma = _train_sigmas(world, g)
+            seeds = [dist.mix_seed(cfg.train.seed, "train-noise", epoch, *passes, j) for j in order[sl]]
+        else:  # train.noise=rollout: one of the sampler's own steps
+            k = int(torch.randint(len(batch.timesteps), (), generator=g))
+            sigma, x_t = sigma_of(batch.timesteps[k]), batch.inputs[sl, k]
         window = _window_passes(world, batch, sl, old_history)
         lead = 0 if window is None or window.overlap is None else window.overlap.shape[1]
-        noise = _sample_noise(batch.latents[sl].new_empty(sl.stop - sl.start, lead + batch.latents.shape[1],
-                                                          *batch.latents.shape[2:]), seeds)
+        noise = None if x_t is not None else _sample_noise(
+            batch.latents[sl].new_empty(sl.stop - sl.start, lead + batch.latents.shape[1], *batch.latents.shape[2:]),
+            seeds)
         with dist.no_sync(world.train_model, enabled=i < len(chunks) - 1):
             loss, stats = micro_step(
                 world.policy, world.train_model, world.sampler, cfg.train,
                 batch.latents[sl], batch.text[sl], adv.r[sl], adv.keep[sl], sigma, noise,
-                reference=world.reference, kl_mask=kl_mask[sl], window=window,
+                reference=world.reference, kl_mask=kl_mask[sl], window=window, x_t=x_t,
             )
             (loss / len(chunks)).backward()
         if "kl_selected" in stats:
@@ -677,6 +717,9 @@ def update_phase(world: World, batch: Batch, adv: Advantages, kl_mask: Tensor,
             selected += torch.stack([stats["kl_selected"] * count, count]).double()
         for k, v in {**stats, "sigma": sigma}.items():  # device sums: read once, after the last micro-step
             sums[k] = sums.get(k, 0.0) + v / len(chunks)
+        label = f"q{min(int(sigma * 4 - 1e-9), 3) + 1}" if cfg.train.sigmas == "uniform" and x_t is None else f"{sigma:.2f}"
+        acc = by_sigma.setdefault(label, [0.0, 0])
+        acc[0], acc[1] = acc[0] + stats["policy_loss"], acc[1] + 1
     if batch.windows is not None and not dist.is_sharded(world.train_model):
         dist.average_gradients_(world.ctx, world.policy.trainable_parameters())
     grad_norm = float(torch.nn.utils.clip_grad_norm_(world.policy.trainable_parameters(), cfg.train.grad_clip))
@@ -688,6 +731,7 @@ def update_phase(world: World, batch: Batch, adv: Advantages, kl_mask: Tensor,
         _warn_main(world.ctx, f"non-finite gradient (norm {grad_norm}) at epoch {epoch}: optimiser step skipped")
         world.optimizer.zero_grad(set_to_none=True)
     metrics = {f"loss/{k}": v for k, v in sums.items() if k != "sigma"}
+    metrics.update({f"loss_sigma/{label}": float(total) / n for label, (total, n) in by_sigma.items()})
     metrics.update({"train/sigma": sums["sigma"], "train/grad_norm": grad_norm, "train/skipped_step": float(not stepped)})
     if cfg.train.kl_weight > 0:
         total, count = dist.all_reduce_sum(world.ctx, selected).tolist()
@@ -879,11 +923,16 @@ def run_epoch(world: World) -> dict[str, float]:
     t2 = time.perf_counter()
     adv = advantage_phase(world, batch, scores)
     kl_mask, selection = regularize_phase(world, adv)
-    stepped, metrics = update_phase(world, batch, adv, kl_mask, epoch)
-    world.reg.last_kl = metrics.get("reg/kl_selected")
-    if stepped:
-        world.step += 1
-        sync_phase(world)  # θ moved: θ_old and the EMA follow
+    per_pass = []
+    for p in range(cfg.train.update_passes):
+        stepped, pass_metrics = update_phase(world, batch, adv, kl_mask, epoch, p)
+        world.reg.last_kl = pass_metrics.get("reg/kl_selected")
+        per_pass.append(pass_metrics)
+        if stepped:
+            world.step += 1
+            sync_phase(world)  # θ moved: θ_old and the EMA follow
+    metrics = {k: sum(m[k] for m in per_pass if k in m) / sum(k in m for m in per_pass)
+               for k in dict.fromkeys(k for m in per_pass for k in m)}  # each metric's mean over the passes
     t3 = time.perf_counter()
     world.epoch = epoch + 1
 
