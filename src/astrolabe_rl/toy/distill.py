@@ -356,7 +356,7 @@ def distill(args: argparse.Namespace) -> dict:
                 "generator_steps": math.ceil(args.dmd_iters / args.critic_ratio)},
         "wall_s": {k: round(v, 1) for k, v in run["wall"].items()} | {"teacher": teacher_record["wall_s"]},
         "this_session_wall_s": round(time.perf_counter() - t_start, 1), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "model": get_family("toy").model.to_dict(), "world": world.WORLD.__dict__,
+        "torch": torch.__version__, "model": student.config.to_dict(), "world": world.WORLD.__dict__,
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     return record
