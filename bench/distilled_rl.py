@@ -12,6 +12,7 @@ test split nor picks its best moment. Options (each against the demo's defaults)
     lr / old lag   lr ×3 and ×0.3;  θ_old copied every step (η = 0)  vs  the demo's η schedule
     update passes  1  vs  4 optimiser steps per rollout
     norm guard     off  vs  NormGuard's hinge on ‖v_θ‖ above the reference's (weight 1)
+    combined       the rollout's own inputs, clean context and the norm guard together
     group size K   the preset's 6  vs  3 and 12 (prompts per epoch scaled to keep the videos per epoch)
 
 Columns, oracle first: the oracle gap closed and the RL'd single sample against the base's best of 4 by the training
@@ -71,6 +72,8 @@ OPTIONS: list[tuple[str, list[str]]] = [
     ("old=copy", ["train.old_decay=0"]),
     ("passes=4", ["train.update_passes=4"]),
     ("norm_guard=1", ["train.norm_guard=1.0"]),
+    ("noise=rollout, clean context, norm_guard=1",
+     ["train.noise=rollout", "train.context=clean", "train.norm_guard=1.0"]),
     ("K=3", ["rollout.candidates=3", "rollout.prompts_per_epoch=12"]),
     ("K=12", ["rollout.candidates=12", "rollout.prompts_per_epoch=3"]),
 ]
