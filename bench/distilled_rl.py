@@ -12,7 +12,7 @@ test split nor picks its best moment. Options (each against the demo's defaults)
     lr / old lag   lr ×3 and ×0.3;  θ_old copied every step (η = 0)  vs  the demo's η schedule
     update passes  1  vs  4 optimiser steps per rollout
     norm guard     off  vs  NormGuard's hinge on ‖v_θ‖ above the reference's (weight 1)
-    combined       the rollout's own inputs, clean context and the norm guard together
+    combined       the rollout's own inputs, clean context and the norm guard together (and with lr ×3)
     group size K   the preset's 6  vs  3 and 12 (prompts per epoch scaled to keep the videos per epoch)
 
 Columns, oracle first: the oracle gap closed and the RL'd single sample against the base's best of 4 by the training
@@ -27,7 +27,8 @@ rms(v_θ)/rms(v_ref).
 
 Each finished run is appended to ``--state`` (default ``bench/distilled_rl.state.jsonl``, committed) with the
 sha256 of the weights it trained, and skipped when found there: the table outlives a session and a crash. Prints one
-JSON line; writes the markdown table (every run in the state file, grouped by model and option) to ``--out``.
+JSON line; writes the markdown table (every run in the state file, grouped by model and option) to ``--out``,
+keeping the report's hand-written ``## Reading`` section.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ OPTIONS: list[tuple[str, list[str]]] = [
     ("norm_guard=1", ["train.norm_guard=1.0"]),
     ("noise=rollout, clean context, norm_guard=1",
      ["train.noise=rollout", "train.context=clean", "train.norm_guard=1.0"]),
+    ("noise=rollout, clean context, norm_guard=1, lr=3e-3",
+     ["train.noise=rollout", "train.context=clean", "train.norm_guard=1.0", "train.lr=3e-3"]),
     ("K=3", ["rollout.candidates=3", "rollout.prompts_per_epoch=12"]),
     ("K=12", ["rollout.candidates=12", "rollout.prompts_per_epoch=3"]),
 ]
@@ -170,7 +173,13 @@ def table(rows: list[dict[str, Any]]) -> str:
         "| train reward first → last | KL to base | loss per σ | ‖x̂0_θ − x̂0_old‖² | v norm ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    bases = set()
     for (model, weights, epochs, quick, option), runs in groups.items():
+        if (model, weights) not in bases:  # the base's own scores on the same evaluation (no training)
+            bases.add((model, weights))
+            before = runs[0]
+            lines.append(f"| *{model} ({weights}) before RL* | - | - | 0 | - | {before['agreement']['before']:.3f} | "
+                         f"{before['render']['before']:.3f} | 0 | - | 0 | - | - | - |")
         sigmas = sorted({k for r in runs for k in r["loss_by_sigma"]}, reverse=True)
         per_sigma = ", ".join(f"{k}: {statistics.fmean(r['loss_by_sigma'][k] for r in runs if k in r['loss_by_sigma']):.3f}"
                               for k in sigmas)
@@ -184,6 +193,15 @@ def table(rows: list[dict[str, Any]]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+READING = "## Reading"  # the hand-written part of the report, kept when the table is rewritten
+
+
+def reading(out: Path) -> str:
+    """The existing report's section from the ``## Reading`` heading on (what the table means), or nothing."""
+    text = out.read_text() if out.exists() else ""
+    return "\n" + text[text.index(READING):] if READING in text else ""
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -208,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(args.models, options, seeds, epochs, args.quick, args.workdir or Path(tmp), args.state)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table(rows))
+    args.out.write_text(table(rows) + reading(args.out))
     result = {"bench": "distilled_rl", "models": args.models, "options": [o for o, _ in options], "seeds": seeds,
               "epochs": epochs, "runs_in_state": len(rows), "out": str(args.out), "state": str(args.state),
               "wall_s": round(time.perf_counter() - start, 1)}
