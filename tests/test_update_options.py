@@ -120,3 +120,17 @@ def test_norm_guard_adds_its_weighted_hinge_to_the_objective():
 def test_bad_update_options_say_what_to_change(tmp_path, extra, match):
     with pytest.raises(ValueError, match=match):
         _cfg(tmp_path, *extra)
+
+
+def test_a_checkpoint_from_before_these_options_resumes(tmp_path):
+    """A config saved before `train.noise`, `update_passes` and `norm_guard` existed lacks them: they read as their
+    defaults (what that run computed with), so only a real change refuses the resume."""
+    from astrolabe_rl.config import CRITICAL_KEYS, to_dict
+    from astrolabe_rl.train.checkpoint import check_resume_compatible
+
+    cfg = to_dict(_cfg(tmp_path))
+    saved = {**cfg, "train": {k: v for k, v in cfg["train"].items() if k not in ("noise", "update_passes", "norm_guard")}}
+    check_resume_compatible(recipe.with_defaults(saved), cfg, CRITICAL_KEYS, force=False)
+    changed = to_dict(_cfg(tmp_path, "train.noise=rollout"))
+    with pytest.raises(ValueError, match="train.noise"):
+        check_resume_compatible(recipe.with_defaults(saved), changed, CRITICAL_KEYS, force=False)

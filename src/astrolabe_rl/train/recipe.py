@@ -272,7 +272,8 @@ def _build(cfg: Config, ctx: dist.DistContext, lock: RunDirLock | None) -> World
     resume = load_resume(Path(cfg.run_dir), cfg.checkpoint.resume, rank=ctx.rank,
                          warn=lambda m: print(m, file=sys.stderr, flush=True) if ctx.is_main else None)
     if resume is not None:
-        check_resume_compatible(resume[1]["config"], to_dict(cfg), CRITICAL_KEYS, cfg.checkpoint.force_resume)
+        check_resume_compatible(with_defaults(resume[1]["config"]), to_dict(cfg), CRITICAL_KEYS,
+                                cfg.checkpoint.force_resume)
     world = World(
         cfg=cfg, ctx=ctx, family=family, num_frames=num_frames, io=io,
         sampler=family.sampler_for(cfg.streaming.video_frames if streaming else num_frames),
@@ -290,6 +291,16 @@ def _build(cfg: Config, ctx: dist.DistContext, lock: RunDirLock | None) -> World
     )
     _resume(world, resume)
     return world
+
+
+def with_defaults(saved: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A checkpoint's config laid over today's defaults (``to_dict(Config())``): a field added since the checkpoint
+    was written reads as its default, which is what the saving run computed with, so resuming it is refused only
+    for values that really changed."""
+    out = dict(to_dict(Config()) if defaults is None else defaults)
+    for key, value in saved.items():
+        out[key] = with_defaults(value, out[key]) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _resume(world: World, resume: tuple[Path, dict[str, Any]] | None) -> None:
