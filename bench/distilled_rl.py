@@ -166,8 +166,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "a `--quick`-sized demo run with one option changed, reported on the dev split (16 prompts × 4 seeds) at the "
         "last EMA. Oracle first: gap closed, and the RL'd single sample minus the base's best of 4 chosen by the "
         "training total. Then what the run optimised and what the update did: the training reward on train prompts "
-        "(first → last 4 epochs), the KL to the base, the policy loss per training σ, ‖x̂0_θ − x̂0_old‖² and "
-        "rms(v_θ)/rms(v_ref) at the end.",
+        "(first → last 4 epochs), the KL to the base at the end, the policy loss per training σ and "
+        "‖x̂0_θ − x̂0_old‖² (means over the epochs), and rms(v_θ)/rms(v_ref) at the end.",
         "",
         "| model (weights) | option | seeds | oracle gap closed | RL − best-of-4 | agreement | render | proxy gap closed "
         "| train reward first → last | KL to base | loss per σ | ‖x̂0_θ − x̂0_old‖² | v norm ratio |",
