@@ -110,7 +110,7 @@ class StreamingConfig:
 @dataclass
 class TrainConfig:
     mode: str = _f("clip", "clip: train whole clips of rollout.num_frames (released); streaming: roll long videos and train one window (the `streaming` section)")
-    epochs: int = _f(300, "epochs; one optimiser step per epoch")
+    epochs: int = _f(300, "epochs; train.update_passes optimiser steps per epoch (released: one)")
     lr: float = _f(1e-5, "AdamW learning rate")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas")
@@ -123,7 +123,7 @@ class TrainConfig:
     loss_form: str = _f("release", "release: plain x0 MSE; diffusionnft: adaptive weight and ×adv_clip/β")
     sigmas: str = _f("release_grid", "training noise levels: release_grid {1,.75,.5,.25}, sampler_grid (the warped steps), uniform U(0,1)")
     context: str = _f("noisy", "noisy: whole clip noised under a block-causal mask (released); clean: clean detached history (teacher forcing)")
-    noise: str = _f("fresh", "the training input x_t: fresh (released: x_t = (1 − σ)·x0 + σ·ε with a new ε, at a σ of train.sigmas) or rollout (the student's own sampling input at one of its steps, recorded during the rollout: each endpoint trained from the noise that produced it; train.sigmas is then unused; clip mode)")
+    noise: str = _f("fresh", "the training input x_t: fresh (released: x_t = (1 − σ)·x0 + σ·ε with a new ε, at a σ of train.sigmas) or rollout (the student's own sampling input at one of its steps, recorded during the rollout: each endpoint trained from the noise that produced it, exactly as sampled with train.context=clean; train.sigmas is then unused; clip mode)")
     update_passes: int = _f(1, "optimiser steps per epoch, each a pass over all of the epoch's rollouts with its own σ and noise draws; θ_old and the EMA follow every step (released: 1)")
     norm_guard: float = _f(0.0, "weight of the velocity-norm hinge mean_i max(0, rms(v_θ) − rms(v_ref))² (NormGuard: penalises θ's velocity only where it outgrows the reference's, at the same x_t; v_ref is the KL's reference); 0 = off")
     old_decay: int = _f(1, "old-policy update: 0 copy, 1 η=min(old_decay_rate·step, old_decay_max), 2 delayed")
@@ -549,7 +549,8 @@ def _validate_regularize(cfg: Config) -> None:
     if cfg.train.reference == "ema_ensemble" and not (reg.ema_decays and all(0 < d < 1 for d in reg.ema_decays)):
         raise ValueError(f"regularize.ema_decays={reg.ema_decays} must be one or more decays in (0, 1) "
                          "for train.reference=ema_ensemble, e.g. [0.9, 0.99, 0.999]")
-    if (reg.mode == "selective" or cfg.train.reference != "base") and cfg.train.kl_weight == 0:
+    if (reg.mode == "selective" or cfg.train.reference != "base") and cfg.train.kl_weight == 0 and not (
+            reg.mode != "selective" and cfg.train.norm_guard > 0):  # the guard reads the reference too
         what = "regularize.mode=selective" if reg.mode == "selective" else f"train.reference={cfg.train.reference}"
         raise ValueError(f"{what} shapes the KL term, but train.kl_weight=0 turns it off: set train.kl_weight > 0")
     if reg.mode != "selective":

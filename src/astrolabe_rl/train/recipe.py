@@ -1,6 +1,7 @@
 """The Astrolabe training recipe: online forward-process RL (NFT) for a distilled AR video model.
 
-One epoch is one optimiser step (`reference/astrolabe.md` §2.2, DESIGN §3):
+One epoch is one optimiser step as released (`reference/astrolabe.md` §2.2, DESIGN §3; ``train.update_passes``
+takes several over the same rollouts, each followed by the sync):
 
     plan      = sampler.epoch_plan(epoch)                 P prompts × K candidates, spread over the ranks
     reference_phase(...)                                   train.reference=dynamic: re-copy the reference from θ?
@@ -338,13 +339,13 @@ def sample_videos(world: World, model: CausalWan, text: Tensor, seeds: list[int]
     in micro-batches of ``rollout.micro_batch``, and decode each: yields ``(slice into the n, latents [b, F, C, h, w],
     videos [b, T, 3, H, W] float in [0, 1])`` as each micro-batch is ready. Training, evaluation and the demo sample
     here; the caller encodes the prompts once and keeps the embeddings for what follows (the update, the KL).
-    With an ``inputs`` list, each micro-batch's sampler inputs ``[b, S, F, C, h, w]`` (`trajectory`) are appended
-    to it."""
+    With an ``inputs`` list, each micro-batch's sampler inputs ``[b, S, F, C, h, w]`` and their S timesteps
+    (`trajectory`) are appended to it."""
     for sl in _chunks(text.shape[0], world.cfg.rollout.micro_batch):
         out = rollout(model, text[sl], num_frames=world.num_frames, latent_hw=world.family.latent_hw,
                       sampler=world.sampler, seeds=seeds[sl], record=inputs is not None)
         if inputs is not None:
-            inputs.append(trajectory(out.traces)[0])
+            inputs.append(trajectory(out.traces))
         yield sl, out.latents, world.io.decode(out.latents).float()
 
 
@@ -371,7 +372,7 @@ def rollout_phase(world: World, plan: list[dist.Sample]) -> Batch:
     seeds = [s.seed_for_noise for s in plan]
     text = world.io.encode(prompts)
     latents, pending, first_videos = [], [], None
-    inputs: list[Tensor] | None = [] if world.cfg.train.noise == "rollout" else None
+    inputs: list[tuple[Tensor, tuple[float, ...]]] | None = [] if world.cfg.train.noise == "rollout" else None
     for sl, lat, videos in sample_videos(world, world.policy.sampling_model(), text, seeds, inputs):
         latents.append(lat)
         first_videos = videos if first_videos is None else first_videos
@@ -386,8 +387,8 @@ def rollout_phase(world: World, plan: list[dist.Sample]) -> Batch:
         prompts=prompts,
         pending=pending,
         first_videos=first_videos,
-        inputs=None if inputs is None else torch.cat(inputs),
-        timesteps=world.sampler.steps.for_block(first=False) if inputs is not None else (),
+        inputs=None if inputs is None else torch.cat([x for x, _ in inputs]),
+        timesteps=inputs[0][1] if inputs else (),
     )
 
 
@@ -920,7 +921,8 @@ def export_adapter(world: World) -> None:
 
 
 def run_epoch(world: World) -> dict[str, float]:
-    """One epoch = one optimiser step: rollout, score, advantage, update, sync; then eval, log, checkpoint."""
+    """One epoch: rollout, score, advantage, then ``train.update_passes`` × (update, sync) (released: one optimiser
+    step); then eval, log, checkpoint."""
     cfg, ctx = world.cfg, world.ctx
     epoch = world.epoch
     device = world.policy.model.device
@@ -944,6 +946,8 @@ def run_epoch(world: World) -> dict[str, float]:
             sync_phase(world)  # θ moved: θ_old and the EMA follow
     metrics = {k: sum(m[k] for m in per_pass if k in m) / sum(k in m for m in per_pass)
                for k in dict.fromkeys(k for m in per_pass for k in m)}  # each metric's mean over the passes
+    if world.reg.last_kl is not None:
+        metrics["reg/kl_selected"] = world.reg.last_kl  # the last pass's: what the reset rule reads
     t3 = time.perf_counter()
     world.epoch = epoch + 1
 
