@@ -61,6 +61,11 @@ def mean_sd(values: list[float], digits: int = 3) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
+def slug(label: str) -> str:
+    """A row label as a folder name (letters, digits, ``-`` and ``.`` kept, the rest ``_``)."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in label)
+
+
 def run(options: list[tuple[str, list[str]]], seeds: list[int], epochs: int, quick: bool, workdir: Path,
         demo: Callable[..., dict] = run_demo, headline: str = "oracle_gap_closed", **demo_kwargs: object) -> list[dict]:
     """Every option × seed (``demo``, `run_demo` by default, with the option's overrides and ``demo_kwargs``); one
@@ -69,7 +74,7 @@ def run(options: list[tuple[str, list[str]]], seeds: list[int], epochs: int, qui
     for label, overrides in options:
         runs = []
         for seed in seeds:
-            out = workdir / "".join(c if c.isalnum() or c in "-." else "_" for c in label) / f"seed{seed}"
+            out = workdir / slug(label) / f"seed{seed}"
             extra = [*overrides, *(QUICK_SIZE if quick else [])]
             s = demo(out, quick=True, epochs=epochs, seed=seed, overrides=extra, progress=False,
                      **({"test_prompts": 2, "eval_seeds": 1} if quick else {}), **demo_kwargs)

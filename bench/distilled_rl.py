@@ -49,7 +49,7 @@ except ModuleNotFoundError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ablations import QUICK_SIZE, mean_sd  # noqa: E402
+from ablations import QUICK_SIZE, mean_sd, slug  # noqa: E402
 
 from astrolabe_rl.toy.demo import run_demo  # noqa: E402
 from astrolabe_rl.train.logging import read_metrics  # noqa: E402
@@ -135,7 +135,7 @@ def run(models: list[str], options: list[tuple[str, list[str]]], seeds: list[int
             for seed in seeds:
                 if (model, label, seed, weights, epochs, quick) in done:
                     continue
-                out = workdir / model / "".join(c if c.isalnum() or c in "-." else "_" for c in label) / f"seed{seed}"
+                out = workdir / model / slug(label) / f"seed{seed}"
                 size = {"test_prompts": 2, "eval_seeds": 1} if quick else EVAL
                 s = demo(out, quick=True, epochs=epochs, seed=seed, progress=False, split="dev", select_best=False,
                          overrides=[*MODELS[model], *overrides, *(QUICK_SIZE if quick else [])], **size)

@@ -334,7 +334,8 @@ def _chunks(n: int, size: int) -> list[slice]:
 
 @torch.no_grad()
 def sample_videos(world: World, model: CausalWan, text: Tensor, seeds: list[int],
-                  inputs: list[Tensor] | None = None) -> Iterator[tuple[slice, Tensor, Tensor]]:
+                  inputs: list[tuple[Tensor, tuple[float, ...]]] | None = None
+                  ) -> Iterator[tuple[slice, Tensor, Tensor]]:
     """Sample one video per (text embedding ``[n, L, D]``, seed) with the family's own few-step sampler (CFG-free)
     in micro-batches of ``rollout.micro_batch``, and decode each: yields ``(slice into the n, latents [b, F, C, h, w],
     videos [b, T, 3, H, W] float in [0, 1])`` as each micro-batch is ready. Training, evaluation and the demo sample
