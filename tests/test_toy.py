@@ -202,17 +202,32 @@ def test_miscaptioned_clips_differ_only_in_the_noisy_slots_and_never_show_held_o
         assert 0.6 * 0.25 * (n - 1) / n < changed[name] / len(captions) < 1.2 * 0.25 * (n - 1) / n, name
 
 
-def test_pretrain_script_runs_both_stages_a_few_steps(tmp_path):
+def test_pretrain_script_runs_the_three_stages_a_few_steps_each_on_its_world(tmp_path):
     from astrolabe_rl.toy import pretrain
     from astrolabe_rl.toy.model import load_toy_model
 
     out = tmp_path / "toy.safetensors"
-    args = ["--steps", "2", "--stage2-steps", "2", "--batch", "2", "--work", str(tmp_path / "w"), "--out", str(out)]
+    args = ["--steps", "2", "--stage2-steps", "2", "--stage3-steps", "1", "--batch", "2", "--work",
+            str(tmp_path / "w"), "--out", str(out)]
     assert pretrain.main(args) == 0
     record = json.loads(out.with_suffix(".json").read_text())
-    assert record["steps"] == 2 and record["val_loss"] > 0 and record["init"] == "stage1.safetensors"
-    assert record["stage1"]["steps"] == 2 and "first blocks at sigma 1" in record["sigma_sampling"]
+    assert record["steps"] == 1 and record["val_loss"] > 0 and record["init"] == "stage2.safetensors"
+    assert record["stage2"]["steps"] == 2 and record["stage2"]["init"] == "stage1.safetensors"
+    assert record["stage2"]["stage1"]["steps"] == 2 and "first blocks at sigma 1" in record["sigma_sampling"]
+    # stages 1 and 2 render the first bed's texture, stage 3 today's world
+    assert record["stage2"]["world"]["texture"] == record["stage2"]["stage1"]["world"]["texture"] == 0.06
+    assert record["world"]["texture"] == world.WORLD.texture
     load_toy_model(out)
+
+
+def test_the_texture_scales_only_the_background_pattern():
+    prompts, seeds = world.split("train")[:4], [0, 1, 2, 3]
+    faint = world.render(prompts, seeds, replace(world.WORLD, texture=0.02))
+    strong = world.render(prompts, seeds, replace(world.WORLD, texture=0.06))
+    flat = world.render(prompts, seeds, replace(world.WORLD, texture=0.0))
+    # the pattern is the difference from the flat world, three times as large at 0.06 (up to the 1/1024 grid)
+    assert torch.allclose(strong - flat, 3 * (faint - flat), atol=4 / world.QUANT)
+    assert (strong - flat).abs().amax() > 0.05
 
 
 def test_stage_two_puts_first_blocks_at_sigma_one_and_leaves_the_stage_one_stream_alone():

@@ -164,7 +164,7 @@ def _long(prompt: str, seed: int, frames: int, drift: float = 0.0) -> torch.Tens
     spec, size = world.parse_prompt(prompt), world.WORLD.size
     g = torch.Generator().manual_seed(seed)
     start = torch.tensor(world._start(spec, g, world.WORLD), dtype=torch.float64)
-    bg = world._background(world.BACKGROUNDS.index(spec.background), g, size)
+    bg = world._background(world.BACKGROUNDS.index(spec.background), g, size, world.WORLD.texture)
     t = torch.arange(frames, dtype=torch.float64)[:, None]
     path = oracle.fold(start + t * torch.tensor(spec.velocity, dtype=torch.float64), spec.radius + 1,
                        size - spec.radius - 1)

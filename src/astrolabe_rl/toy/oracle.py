@@ -9,8 +9,9 @@ The world is known exactly (`toy.world`), so a generated video can be explained 
     shape, size the (shape, size) template whose render along that path best matches the video
     background  the pattern family (stripes, checks, ripples) whose parametric fit to the static background
                 (per-pixel temporal median of the uncovered pixels) has the lowest residual; each family is
-                grey + 0.06·pattern + a faint R/B tint (G untinted), fitted by least squares over the pattern's
-                phase and a grid of its angle (stripes) or centre (ripples)
+                grey + a·pattern + a faint R/B tint (G untinted), fitted by least squares over the pattern's
+                phase and amplitude a (any texture strength, `world.WorldConfig.texture`) and a grid of its
+                angle (stripes) or centre (ripples)
 
 The best-fitting clean render is ``alpha·colour + (1 − alpha)·background_fit``; its RMS distance to the video is
 the **residual** (pixel units): a clean render scores 0.0005–0.003 (the fit's angle / centre grids and the

@@ -1,10 +1,12 @@
 """Pretrain the toy flow-matching base (``toy_fm``): flow matching with block-causal teacher forcing on the toy world.
 
-    python -m astrolabe_rl.toy.pretrain       # rebuilds weights/toy_fm.safetensors (2 cores, ~35 + 15 min)
-    python -m astrolabe_rl.toy.pretrain --steps 5 --stage2-steps 3 --work /tmp/w --out /tmp/toy.safetensors  # smoke
+    python -m astrolabe_rl.toy.pretrain       # rebuilds weights/toy_fm.safetensors (2 cores, ~35 + 15 + 10 min)
+    python -m astrolabe_rl.toy.pretrain --steps 5 --stage2-steps 3 --stage3-steps 2 --work /tmp/w --out /tmp/toy.safetensors  # smoke
 
-Two stages, each resumable: stage 1 (`DEFAULTS`, from scratch, into ``--work``) and stage 2 (`STAGE2`: a
-fine-tune of stage 1 that puts half the clips' first blocks at σ = 1, so the prompt learns to place the object).
+Three stages, each resumable: stage 1 (`DEFAULTS`, from scratch, into ``--work``), stage 2 (`STAGE2`: a
+fine-tune of stage 1 that puts half the clips' first blocks at σ = 1, so the prompt learns to place the object),
+both on the first bed's world (background texture ±`FIRST_BED_TEXTURE`), and stage 3 (`STAGE3`: stage 2's recipe
+again, on today's world with its fainter texture, `world.WorldConfig.texture`).
 
 One step (DESIGN §3 flow convention):
 
@@ -33,6 +35,7 @@ from it (a bidirectional teacher fine-tuned from it with ``bidirectional=True``,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import json
@@ -59,6 +62,13 @@ DEFAULTS = dict(steps=2400, batch=16, lr=1e-3, warmup=50, weight_decay=0.01, ema
 # moved in a random direction (oracle direction 0.20 on the dev split); these 1000 steps bring 1.7 px and 0.66
 # (0.80 for the student distilled from it).
 STAGE2 = dict(steps=1000, lr=3e-4, warmup=50, ema=0.99, seed=1, first_block_sigma1=0.5)
+# Stages 1 and 2 render the first bed's world, whose background texture is ±0.06; stage 3 fine-tunes stage 2 on
+# today's world (`world.WORLD.texture`, ±0.02), the same steps as stage 2. Why the world changed (issue 27): the
+# students drew that texture cell by cell with a seam at every 8-pixel token, a background residual (0.05) that
+# alone kept render-likeness under 0.3 whatever the objects; a fainter texture keeps the background word's pattern
+# and grey level, and asks for less of a 4-layer model.
+FIRST_BED_TEXTURE = 0.06
+STAGE3 = dict(steps=600, lr=3e-4, warmup=50, ema=0.99, seed=3, first_block_sigma1=0.5)
 NOISY_SLOTS = ("colour", "shape", "direction", "speed")  # the attributes the text and motion rewards judge
 
 
@@ -111,32 +121,34 @@ def miscaption(prompts: list[str], noise: float, g: torch.Generator) -> list[str
 
 
 def batch_of(step: int, batch: int, seed: int, prompts: list[str], noise: float,
-             g: torch.Generator, long_frames: int = 0) -> tuple[list[int], Tensor]:
+             g: torch.Generator, long_frames: int = 0, scene: world.WorldConfig | None = None) -> tuple[list[int], Tensor]:
     """Caption indices drawn uniformly from ``prompts`` and their clips' latents ``[B, F, C, H, W]`` (`miscaption`).
 
     ``long_frames > 0``: each clip is instead a window of ``world.WORLD.frames`` frames, at an offset drawn
     uniformly in ``[0, long_frames − frames]``, of a long bouncing video (`world.render_long`): the object anywhere
-    in the frame, bouncing off the borders, which the centred clips never show."""
+    in the frame, bouncing off the borders, which the centred clips never show. ``scene``: the world's
+    `WorldConfig` to render (default `world.WORLD`; the first stages of the shipped base used a stronger texture)."""
+    scene = scene or world.WORLD
     picks = torch.randint(len(prompts), (batch,), generator=g).tolist()
     seeds = [seed * 1_000_003 + step * batch + i for i in range(batch)]
     shown = miscaption([prompts[i] for i in picks], noise, g)
     if not long_frames:
-        return picks, vae.encode(world.render(shown, seeds))
-    n = world.WORLD.frames
+        return picks, vae.encode(world.render(shown, seeds, scene))
+    n = scene.frames
     offsets = torch.randint(long_frames - n + 1, (batch,), generator=g).tolist()
-    clips = [world.render_long([[(0, p)]], [s], o + n)[:, o:] for p, s, o in zip(shown, seeds, offsets)]
+    clips = [world.render_long([[(0, p)]], [s], o + n, world=scene)[:, o:] for p, s, o in zip(shown, seeds, offsets)]
     return picks, vae.encode(torch.cat(clips))
 
 
 @functools.lru_cache(maxsize=None)
-def prompt_mean(prompt: str, noise: float, samples: int = 64) -> Tensor:
+def prompt_mean(prompt: str, noise: float, samples: int = 64, scene: world.WorldConfig | None = None) -> Tensor:
     """``E[x0 | caption]`` ``[F, C, H, W]``: a Monte-Carlo mean over ``samples`` seeds and caption errors.
 
     Computed on first use and kept (a short run pays only for the captions it draws); its own generator, seeded by
     the caption, makes it independent of the order in which captions come up."""
     seeds = [2**40 + j for j in range(samples)]  # far from the training seeds
     g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:7], "little"))
-    return vae.encode(world.render(miscaption([prompt] * samples, noise, g), seeds)).mean(0)
+    return vae.encode(world.render(miscaption([prompt] * samples, noise, g), seeds, scene or world.WORLD)).mean(0)
 
 
 def flow_loss(model: CausalWan, x0: Tensor, text: Tensor, sigma_blocks: Tensor, noise: Tensor,
@@ -164,11 +176,11 @@ def flow_loss(model: CausalWan, x0: Tensor, text: Tensor, sigma_blocks: Tensor, 
 
 @torch.no_grad()
 def validation_loss(model: CausalWan, encoder: ToyTextEncoder, grid: tuple[float, ...], shift: float,
-                    bidirectional: bool = False) -> float:
+                    bidirectional: bool = False, scene: world.WorldConfig | None = None) -> float:
     """The loss on a fixed batch (64 train-split clips, fixed σ and ε): comparable across runs and checkpoints."""
     g = torch.Generator().manual_seed(12345)
     prompts = world.split("train")
-    picks, x0 = batch_of(0, 64, 987, prompts, 0.0, g)  # clean captions: the loss on the world as it is
+    picks, x0 = batch_of(0, 64, 987, prompts, 0.0, g, scene=scene)  # clean captions: the world as it is
     sig = sample_sigmas(64, 1 if bidirectional else x0.shape[1] // 3, grid, shift, g)
     noise = torch.randn(x0.shape, generator=g)
     return float(flow_loss(model, x0, encoder([prompts[i] for i in picks]), sig, noise))
@@ -178,7 +190,7 @@ def pretrain(
     steps: int, batch: int, lr: float, warmup: int, weight_decay: float, ema: float, seed: int, caption_noise: float,
     out: Path, log_every: int = 50, save_every: int = 100, bidirectional: bool = False, init: Path | None = None,
     mean_target: bool = True, uniform_sigma_share: float = 0.0, first_block_sigma1: float = 0.0,
-    long_frames: int = 0, geometry: dict | None = None,
+    long_frames: int = 0, geometry: dict | None = None, texture: float | None = None,
 ) -> dict:
     """Train from scratch (or from the weights file ``init``) and write ``out`` (+ ``out.json`` with the recipe and
     results). Returns the record.
@@ -195,12 +207,15 @@ def pretrain(
     teacher of `toy.distill --long`), not on the world's centred clips.
     ``geometry``: `WanConfig` fields that replace the ``toy`` preset's for a model trained from scratch (a bed being
     tried, e.g. ``{"patch_size": [1, 1, 1]}``); with ``init`` the geometry is the init file's.
+    ``texture``: the background texture amplitude of the world rendered for training (default the world's own,
+    `world.WORLD.texture`); stages 1 and 2 of the shipped base were trained on the first bed's 0.06.
 
     Every ``save_every`` steps the full state (weights, EMA, optimiser, schedule, data/noise generator, curve) goes
     to ``out.with_suffix(".state.pt")``; a run started with the same arguments resumes from it bit-exactly, so an
     interrupted CPU run loses at most ``save_every`` steps. The state file is removed at the end.
     """
     family = get_family("toy")
+    scene = world.WORLD if texture is None else dataclasses.replace(world.WORLD, texture=texture)
     torch.manual_seed(seed)
     model = CausalWan(toy_config(init) if init is not None else toy_geometry(geometry or {}))
     if init is not None:
@@ -219,17 +234,19 @@ def pretrain(
     run = {"step": 0, "running": None, "history": [], "wall": 0.0, "cpu": 0.0,
            "args": [steps, batch, lr, warmup, weight_decay, ema, seed, caption_noise, bidirectional,
                     None if init is None else str(init), mean_target, uniform_sigma_share, first_block_sigma1,
-                    *([long_frames] if long_frames else []), *([geometry] if geometry else [])]}
+                    *([long_frames] if long_frames else []), *([geometry] if geometry else []),
+                    *([texture] if texture is not None else [])]}
     state_file = out.with_suffix(".state.pt")
     if state_file.is_file():
         run = _resume(state_file, run, model, shadow, opt, sched, g)
     start, cpu = time.perf_counter() - run["wall"], time.process_time() - run["cpu"]
     for step in range(run["step"], steps):
-        picks, x0 = batch_of(step, batch, seed, prompts, caption_noise, g, long_frames)
+        picks, x0 = batch_of(step, batch, seed, prompts, caption_noise, g, long_frames, scene)
         blocks = 1 if bidirectional else x0.shape[1] // family.sampler.frames_per_block
         sig = training_sigmas(batch, blocks, grid, shift, g, uniform_sigma_share, first_block_sigma1)
         loss = flow_loss(model, x0, encoder([prompts[i] for i in picks]), sig, torch.randn(x0.shape, generator=g),
-                         torch.stack([prompt_mean(prompts[i], caption_noise) for i in picks]) if mean_target else None)
+                         torch.stack([prompt_mean(prompts[i], caption_noise, scene=scene) for i in picks])
+                         if mean_target else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -265,9 +282,9 @@ def pretrain(
         if mean_target else "eps - x0 (the sample's own)",
         "final_train_loss_smoothed": round(run["running"], 5),
         # measured on the saved float16 EMA weights, so a loaded model reproduces it
-        "val_loss": round(validation_loss(load_toy_model(out), encoder, grid, shift, bidirectional), 5),
+        "val_loss": round(validation_loss(load_toy_model(out), encoder, grid, shift, bidirectional, scene), 5),
         "wall_s": round(run["wall"], 1), "cpu_s": round(run["cpu"], 1), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "model": model.config.to_dict(), "world": world.WORLD.__dict__,
+        "torch": torch.__version__, "model": model.config.to_dict(), "world": scene.__dict__,
         "vae": {"factor": vae.FACTOR, "scale": vae.SCALE}, "train_prompts": len(prompts), "curve": run["history"],
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
@@ -305,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="probability that each of a clip's colour/shape/direction/speed differs from its caption")
     p.add_argument("--stage2-steps", type=int, default=STAGE2["steps"],
                    help="steps of stage 2, the first-block fine-tune (0: ship stage 1 as it is)")
+    p.add_argument("--stage3-steps", type=int, default=STAGE3["steps"],
+                   help="steps of stage 3, the fine-tune on today's world (0: ship stage 2, the first bed's world)")
+    p.add_argument("--texture", type=float, default=FIRST_BED_TEXTURE,
+                   help="background texture amplitude of the world stages 1 and 2 render (stage 3: the world's own)")
     p.add_argument("--geometry", type=json.loads, default=None,
                    help='JSON of WanConfig fields replacing the toy preset\'s for stage 1, e.g. \'{"patch_size": [1, 1, 1]}\'')
     p.add_argument("--work", type=Path, default=Path("runs/toy_pretrain"),
@@ -312,18 +333,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=FM_WEIGHTS,
                    help="output .safetensors (a .json record is written next to it)")
     args = p.parse_args(argv)
-    stage1 = args.work / "stage1.safetensors" if args.stage2_steps else args.out
-    if not stage1.with_suffix(".json").is_file():
+    # each stage writes into --work (the last into --out) and is skipped when its record exists: a rerun resumes
+    stages = ["stage1", *(["stage2"] if args.stage2_steps else []), *(["stage3"] if args.stage3_steps else [])]
+    path = {name: args.out if name == stages[-1] else args.work / f"{name}.safetensors" for name in stages}
+    if not path["stage1"].with_suffix(".json").is_file():
         pretrain(args.steps, args.batch, args.lr, args.warmup, args.weight_decay, args.ema, args.seed,
-                 args.caption_noise, stage1, geometry=args.geometry)
-    record = json.loads(stage1.with_suffix(".json").read_text())
-    if args.stage2_steps:
-        s2 = STAGE2 | {"steps": args.stage2_steps}
-        record = pretrain(s2["steps"], args.batch, s2["lr"], s2["warmup"], args.weight_decay, s2["ema"], s2["seed"],
-                          args.caption_noise, args.out, init=stage1, first_block_sigma1=s2["first_block_sigma1"])
-        record["stage1"] = json.loads(stage1.with_suffix(".json").read_text())
-        args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in record.items() if k not in ("curve", "model", "stage1")}))
+                 args.caption_noise, path["stage1"], geometry=args.geometry, texture=args.texture)
+    for name, recipe, steps, texture in (("stage2", STAGE2, args.stage2_steps, args.texture),
+                                         ("stage3", STAGE3, args.stage3_steps, None)):
+        if name not in path or path[name].with_suffix(".json").is_file():
+            continue
+        before = stages[stages.index(name) - 1]
+        record = pretrain(steps, args.batch, recipe["lr"], recipe["warmup"], args.weight_decay, recipe["ema"],
+                          recipe["seed"], args.caption_noise, path[name], init=path[before],
+                          first_block_sigma1=recipe["first_block_sigma1"], texture=texture)
+        record[before] = json.loads(path[before].with_suffix(".json").read_text())
+        path[name].with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    record = json.loads(args.out.with_suffix(".json").read_text())
+    print(json.dumps({k: v for k, v in record.items() if k not in ("curve", "model", *stages)}))
     return 0
 
 

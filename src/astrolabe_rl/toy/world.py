@@ -6,8 +6,8 @@ A prompt comes from a small grammar (DESIGN §4), nine words, one slot per attri
     "a large red circle moving left quickly over stripes"
 
 Everything else (a jitter of ±1 px along and ±1.5 px across the path, the background pattern's phase and a
-faint tint) is drawn from the video's seed; the background word fixes the texture's pattern, grey level and
-contrast. So ``render(prompts, seeds)`` is a pure function: the same (prompt, seed) gives the same video, whatever
+faint tint) is drawn from the video's seed; the background word fixes the texture's pattern and grey level, the
+world its amplitude (`WorldConfig.texture`). So ``render(prompts, seeds)`` is a pure function: the same (prompt, seed) gives the same video, whatever
 batch it is rendered in.
 
 Geometry (pixels, frames): ``size`` × ``size`` frames (32), ``frames`` frames per clip (9), one pixel frame per
@@ -184,10 +184,12 @@ def eval_prompts(n: int = 12, split: str = "held_out") -> list[str]:
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """Clip geometry: ``size`` × ``size`` pixels, ``frames`` frames."""
+    """Clip geometry: ``size`` × ``size`` pixels, ``frames`` frames; ``texture``: the background pattern's
+    amplitude (grey levels, ± around the background word's grey)."""
 
     size: int = 32
     frames: int = 9
+    texture: float = 0.02
 
 
 WORLD = WorldConfig()
@@ -212,11 +214,11 @@ def shape_alpha(shape_ids: Tensor, centre: Tensor, radius: Tensor, size: int) ->
     return (0.5 - d).clamp(0, 1)
 
 
-def _background(kind: int, g: torch.Generator, size: int) -> Tensor:
+def _background(kind: int, g: torch.Generator, size: int, texture: float) -> Tensor:
     """A smooth, low-saturation grey texture ``[3, size, size]`` (wavelength 12 px, so its Laplacian is small).
 
-    The prompt's background word fixes the pattern, its grey level and contrast; the seed only shifts the pattern
-    (its phase, the stripes' angle, the ripples' centre) and tints it faintly. A texture that the prompt nearly
+    The prompt's background word fixes the pattern and its grey level, ``texture`` its amplitude (grey ± texture);
+    the seed only shifts the pattern (its phase, the stripes' angle, the ripples' centre) and tints it faintly. A texture that the prompt nearly
     determines keeps the world learnable by a tiny model in minutes, while still being texture a model can blur.
     """
     u = lambda lo, hi: lo + (hi - lo) * float(torch.rand((), generator=g, dtype=torch.float64))  # noqa: E731
@@ -231,7 +233,7 @@ def _background(kind: int, g: torch.Generator, size: int) -> Tensor:
     else:  # ripples around a centre near the middle
         cx, cy = u(12.0, 20.0), u(12.0, 20.0)
         pattern = torch.sin(k * torch.sqrt((x - cx) ** 2 + (y - cy) ** 2) + phase)
-    grey = (0.40, 0.50, 0.45)[kind] + 0.06 * pattern
+    grey = (0.40, 0.50, 0.45)[kind] + texture * pattern
     tint = torch.tensor([u(-0.02, 0.02), 0.0, u(-0.02, 0.02)], dtype=torch.float64)
     return (grey[None] + tint[:, None, None]).clamp(0, 1)
 
@@ -260,7 +262,7 @@ def render(prompts: list[str], seeds: list[int], world: WorldConfig = WORLD) -> 
     for spec, seed in zip(specs, seeds):
         g = torch.Generator().manual_seed(int(seed))
         starts.append(_start(spec, g, world))
-        backgrounds.append(_background(BACKGROUNDS.index(spec.background), g, world.size))
+        backgrounds.append(_background(BACKGROUNDS.index(spec.background), g, world.size, world.texture))
     b, t = len(specs), world.frames
     steps = torch.arange(t, dtype=torch.float64)
     start = torch.tensor(starts, dtype=torch.float64)  # [B, 2]
@@ -307,7 +309,7 @@ def render_long(schedules: list[list[tuple[int, str]]], seeds: list[int], frames
             raise ValueError(f"the background stays for the whole video; the scenes of {schedule} name several")
         g = torch.Generator().manual_seed(int(seed))
         pos = torch.tensor(_start(specs[0][1], g, world), dtype=torch.float64)
-        bg = _background(BACKGROUNDS.index(specs[0][1].background), g, n)
+        bg = _background(BACKGROUNDS.index(specs[0][1].background), g, n, world.texture)
         out, vel, active = [], torch.zeros(2, dtype=torch.float64), None
         for t in range(frames):
             scene = max(i for i, (f, _) in enumerate(specs) if f <= t)
