@@ -1,7 +1,7 @@
 """Distil the shipped toy student the way Self-Forcing does it (`reference/distillation.md`, `ar_models.md` §2.5–§2.7).
 
     python -m astrolabe_rl.toy.distill --compare      # rebuilds weights/toy.safetensors (~15 min, 2 cores)
-    python -m astrolabe_rl.toy.distill --long --compare   # extends it into weights/toy_long.safetensors (~25 min)
+    python -m astrolabe_rl.toy.distill --long --compare   # extends it into weights/toy_long.safetensors (~8 min on one thread)
     python -m astrolabe_rl.toy.distill --smoke --work /tmp/d --out /tmp/student.safetensors      # a few steps each
 
 Three stages, each resumable (an interrupted run started again with the same arguments continues where it stopped):
@@ -67,8 +67,8 @@ DEFAULTS = dict(
 # is re-tuned on windows of long bouncing videos (the clip teacher never saw an object near a border), then DMD runs
 # on windows of the student's own rollouts of up to `long_frames` latent frames through the rolling cache + sink.
 # Rollouts stop at 27 frames (3 windows), so later positions stay unseen. Measured (`toy_long.json`,
-# long_comparison): its render-likeness falls after the first window (0.13 -> 0.07-0.09 of 45 frames) while prompt
-# agreement stays flat (0.56-0.63); the decay is mild, and its objects drift less than the world's.
+# long_comparison): its render-likeness falls a little after the first window (0.18 -> 0.14-0.16 of 45 frames) while
+# prompt agreement stays flat (0.55-0.70); the decay is mild, and its objects drift less than the world's.
 LONG = dict(long_frames=27, teacher_steps=150, dmd_iters=240, dmd_batch=4, ema_start=60, ode_train_steps=0)
 SMOKE = dict(teacher_steps=3, ode_pairs=8, ode_steps=8, ode_train_steps=3, dmd_iters=6, ema_start=2, batch=4,
              dmd_batch=2)
