@@ -12,8 +12,10 @@ test split nor picks its best moment. Options (each against the demo's defaults)
     lr / old lag   lr ×3 and ×0.3;  θ_old copied every step (η = 0)  vs  the demo's η schedule
     update passes  1  vs  4 optimiser steps per rollout
     norm guard     off  vs  NormGuard's hinge on ‖v_θ‖ above the reference's (weight 1)
-    combined       the rollout's own inputs, clean context and the norm guard together (and with lr ×3)
+    combined       the rollout's own inputs, clean context and the norm guard together (and with lr ×2, ×3, or
+                   2 and 4 update passes)
     group size K   the preset's 6  vs  3 and 12 (prompts per epoch scaled to keep the videos per epoch)
+    reward weight  toy_quality ×3 in the training total (alone and with the combined update)
 
 Columns, oracle first: the oracle gap closed and the RL'd single sample against the base's best of 4 by the training
 total (`rl_minus_best_of_4`), agreement and render-likeness; then the optimised total's gap closed, the training
@@ -59,6 +61,10 @@ MODELS: dict[str, list[str]] = {
     "student": [],  # the shipped toy family: the DMD-distilled 4-step student
     "toy_fm": ["model.family=toy_fm"],  # its undistilled flow-matching base, sampled with the same 4 steps
 }
+# the demo's rewards with toy_quality (the sharpness axis, the one a blurring update loses) weighted 3 instead of 1:
+# the training total, and so the best-of-4 bar, change with it
+QUALITY_X3 = ('rewards.components=[{"name": "toy_quality", "weight": 3.0}, {"name": "toy_motion", "weight": 1.0}, '
+              '{"name": "toy_text", "weight": 1.0}]')
 OPTIONS: list[tuple[str, list[str]]] = [
     ("defaults", []),
     ("sigmas=sampler_grid", ["train.sigmas=sampler_grid"]),
@@ -77,6 +83,15 @@ OPTIONS: list[tuple[str, list[str]]] = [
      ["train.noise=rollout", "train.context=clean", "train.norm_guard=1.0"]),
     ("noise=rollout, clean context, norm_guard=1, lr=3e-3",
      ["train.noise=rollout", "train.context=clean", "train.norm_guard=1.0", "train.lr=3e-3"]),
+    ("noise=rollout, clean context, norm_guard=1, passes=2",
+     ["train.noise=rollout", "train.context=clean", "train.norm_guard=1.0", "train.update_passes=2"]),
+    ("noise=rollout, clean context, norm_guard=1, passes=4",
+     ["train.noise=rollout", "train.context=clean", "train.norm_guard=1.0", "train.update_passes=4"]),
+    ("noise=rollout, clean context, norm_guard=1, lr=2e-3",
+     ["train.noise=rollout", "train.context=clean", "train.norm_guard=1.0", "train.lr=2e-3"]),
+    ("toy_quality weight 3", [QUALITY_X3]),
+    ("noise=rollout, clean context, norm_guard=1, toy_quality weight 3",
+     ["train.noise=rollout", "train.context=clean", "train.norm_guard=1.0", QUALITY_X3]),
     ("K=3", ["rollout.candidates=3", "rollout.prompts_per_epoch=12"]),
     ("K=12", ["rollout.candidates=12", "rollout.prompts_per_epoch=3"]),
 ]
