@@ -5,7 +5,8 @@ Every run is `astrolabe_rl.toy.demo.run_demo` (the real recipe, the ``--quick`` 
 **dev split** at the **last** EMA (``select_best=False``): this table chooses defaults, so it neither looks at the
 test split nor picks its best moment. Options (each against the demo's defaults):
 
-    σ set          release grid {1, .75, .5, .25}  vs  the sampler's warped grid  vs  U(0, 1)
+    σ set          release grid {1, .75, .5, .25}  vs  the same without σ = 1  vs  the sampler's warped grid  vs
+                   U(0, 1)
     noise          fresh forward noise (released)  vs  the rollout's own sampling inputs (train.noise=rollout)
     loss form      release  vs  diffusionnft
     KL weight      1e-4 (released)  vs  0  vs  1e-2
@@ -69,6 +70,7 @@ OPTIONS: list[tuple[str, list[str]]] = [
     ("defaults", []),
     ("sigmas=sampler_grid", ["train.sigmas=sampler_grid"]),
     ("sigmas=uniform", ["train.sigmas=uniform"]),
+    ("sigmas=release_below_1", ["train.sigmas=release_below_1"]),
     ("noise=rollout", ["train.noise=rollout"]),
     ("noise=rollout, clean context", ["train.noise=rollout", "train.context=clean"]),
     ("loss_form=diffusionnft", ["train.loss_form=diffusionnft"]),

@@ -134,3 +134,19 @@ def test_a_checkpoint_from_before_these_options_resumes(tmp_path):
     changed = to_dict(_cfg(tmp_path, "train.noise=rollout"))
     with pytest.raises(ValueError, match="train.noise"):
         check_resume_compatible(recipe.with_defaults(saved), changed, CRITICAL_KEYS, force=False)
+
+
+def test_each_sigma_set_draws_only_its_levels(tmp_path):
+    """``train.sigmas``: the release grid, the same without σ = 1 (no fresh-noise regression from pure noise), the
+    sampler's warped steps, or U(0, 1)."""
+    world = recipe.setup(_cfg(tmp_path))
+    sampler = tuple(float(sigma_of(t)) for t in world.sampler.steps.timesteps)
+    for choice, allowed in (("release_grid", {1.0, 0.75, 0.5, 0.25}), ("release_below_1", {0.75, 0.5, 0.25}),
+                            ("sampler_grid", set(sampler))):
+        world.cfg.train.sigmas = choice
+        g = torch.Generator().manual_seed(0)
+        drawn = {float(recipe._train_sigmas(world, g)) for _ in range(200)}
+        assert drawn == allowed, choice
+    world.cfg.train.sigmas = "uniform"
+    g = torch.Generator().manual_seed(0)
+    assert all(1e-3 <= recipe._train_sigmas(world, g) < 1 for _ in range(50))

@@ -121,7 +121,7 @@ class TrainConfig:
     adv_clip: float = _f(5.0, "advantage clip; r = ½ + clip(A)/(2·adv_clip)")
     adv_std: str = _f("global", "advantage denominator: global (released) or group std")
     loss_form: str = _f("release", "release: plain x0 MSE; diffusionnft: adaptive weight and ×adv_clip/β")
-    sigmas: str = _f("release_grid", "training noise levels: release_grid {1,.75,.5,.25}, sampler_grid (the warped steps), uniform U(0,1)")
+    sigmas: str = _f("release_grid", "training noise levels: release_grid {1,.75,.5,.25}, release_below_1 {.75,.5,.25} (no σ = 1, where a fresh ε holds nothing of the endpoint), sampler_grid (the warped steps), uniform U(0,1)")
     context: str = _f("noisy", "noisy: whole clip noised under a block-causal mask (released); clean: clean detached history (teacher forcing)")
     noise: str = _f("fresh", "the training input x_t: fresh (released: x_t = (1 − σ)·x0 + σ·ε with a new ε, at a σ of train.sigmas) or rollout (the student's own sampling input at one of its steps, recorded during the rollout: each endpoint trained from the noise that produced it, exactly as sampled with train.context=clean; train.sigmas is then unused; clip mode)")
     update_passes: int = _f(1, "optimiser steps per epoch, each a pass over all of the epoch's rollouts with its own σ and noise draws; θ_old and the EMA follow every step (released: 1)")
@@ -223,7 +223,7 @@ _CHOICES = {
     "rewards.on_error": ("drop", "zero", "abort"),
     "train.adv_std": ("global", "group"),
     "train.loss_form": ("release", "diffusionnft"),
-    "train.sigmas": ("release_grid", "sampler_grid", "uniform"),
+    "train.sigmas": ("release_grid", "release_below_1", "sampler_grid", "uniform"),
     "train.context": ("noisy", "clean"),
     "train.noise": ("fresh", "rollout"),
     "train.old_decay": (0, 1, 2),

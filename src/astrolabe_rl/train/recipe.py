@@ -588,7 +588,10 @@ def _train_sigmas(world: World, generator: torch.Generator) -> float:
     choice = world.cfg.train.sigmas
     if choice == "uniform":
         return max(float(torch.rand((), generator=generator)), 1e-3)
-    grid = RELEASE_SIGMAS if choice == "release_grid" else tuple(sigma_of(t) for t in world.sampler.steps.timesteps)
+    if choice == "sampler_grid":
+        grid = tuple(sigma_of(t) for t in world.sampler.steps.timesteps)
+    else:  # release_grid, or without its σ = 1, where fresh noise holds nothing of the endpoint it is regressed on
+        grid = RELEASE_SIGMAS if choice == "release_grid" else RELEASE_SIGMAS[1:]
     return grid[int(torch.randint(len(grid), (), generator=generator))]
 
 
