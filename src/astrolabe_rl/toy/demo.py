@@ -1,7 +1,7 @@
 """``astrolabe demo``: align the shipped toy model with the Astrolabe recipe on a CPU, and judge it on the oracle.
 
-    astrolabe demo                      # ≈ 8 minutes on 2 CPU cores
-    astrolabe demo --quick              # ≈ 2.5 minutes
+    astrolabe demo                      # ≈ 6.5 minutes on 2 CPU cores
+    astrolabe demo --quick              # ≈ 2.5 minutes (measured 2 min 23 s)
     astrolabe demo --long [--quick]     # streaming RL of long videos (`astrolabe_rl.toy.long_demo`)
     python -m astrolabe_rl.toy.demo --quick --out runs/demo-quick
 

@@ -1,7 +1,8 @@
 """Pretrain the toy flow-matching base (``toy_fm``): flow matching with block-causal teacher forcing on the toy world.
 
     python -m astrolabe_rl.toy.pretrain       # rebuilds weights/toy_fm.safetensors (2 cores, ~35 + 15 + 10 min)
-    python -m astrolabe_rl.toy.pretrain --steps 5 --stage2-steps 3 --stage3-steps 2 --work /tmp/w --out /tmp/toy.safetensors  # smoke
+    python -m astrolabe_rl.toy.pretrain --steps 5 --stage2-steps 3 --stage3-steps 2 \
+        --work /tmp/w --out /tmp/toy.safetensors                                 # smoke
 
 Three stages, each resumable: stage 1 (`DEFAULTS`, from scratch, into ``--work``), stage 2 (`STAGE2`: a
 fine-tune of stage 1 that puts half the clips' first blocks at σ = 1, so the prompt learns to place the object),
@@ -120,8 +121,8 @@ def miscaption(prompts: list[str], noise: float, g: torch.Generator) -> list[str
     return shown
 
 
-def batch_of(step: int, batch: int, seed: int, prompts: list[str], noise: float,
-             g: torch.Generator, long_frames: int = 0, scene: world.WorldConfig | None = None) -> tuple[list[int], Tensor]:
+def batch_of(step: int, batch: int, seed: int, prompts: list[str], noise: float, g: torch.Generator,
+             long_frames: int = 0, scene: world.WorldConfig | None = None) -> tuple[list[int], Tensor]:
     """Caption indices drawn uniformly from ``prompts`` and their clips' latents ``[B, F, C, H, W]`` (`miscaption`).
 
     ``long_frames > 0``: each clip is instead a window of ``world.WORLD.frames`` frames, at an offset drawn

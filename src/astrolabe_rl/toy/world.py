@@ -7,8 +7,8 @@ A prompt comes from a small grammar (DESIGN §4), nine words, one slot per attri
 
 Everything else (a jitter of ±1 px along and ±1.5 px across the path, the background pattern's phase and a
 faint tint) is drawn from the video's seed; the background word fixes the texture's pattern and grey level, the
-world its amplitude (`WorldConfig.texture`). So ``render(prompts, seeds)`` is a pure function: the same (prompt, seed) gives the same video, whatever
-batch it is rendered in.
+world its amplitude (`WorldConfig.texture`). So ``render(prompts, seeds)`` is a pure function: the same (prompt,
+seed) gives the same video, whatever batch it is rendered in.
 
 Geometry (pixels, frames): ``size`` × ``size`` frames (32), ``frames`` frames per clip (9), one pixel frame per
 latent frame (see `toy.vae` for why the temporal stride is 1). The object is a flat saturated colour; the
@@ -218,8 +218,9 @@ def _background(kind: int, g: torch.Generator, size: int, texture: float) -> Ten
     """A smooth, low-saturation grey texture ``[3, size, size]`` (wavelength 12 px, so its Laplacian is small).
 
     The prompt's background word fixes the pattern and its grey level, ``texture`` its amplitude (grey ± texture);
-    the seed only shifts the pattern (its phase, the stripes' angle, the ripples' centre) and tints it faintly. A texture that the prompt nearly
-    determines keeps the world learnable by a tiny model in minutes, while still being texture a model can blur.
+    the seed only shifts the pattern (its phase, the stripes' angle, the ripples' centre) and tints it faintly. A
+    texture that the prompt nearly determines keeps the world learnable by a tiny model in minutes, while still being
+    texture a model can blur.
     """
     u = lambda lo, hi: lo + (hi - lo) * float(torch.rand((), generator=g, dtype=torch.float64))  # noqa: E731
     coords = torch.arange(size, dtype=torch.float64) + 0.5
