@@ -330,19 +330,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--geometry", type=json.loads, default=None,
                    help='JSON of WanConfig fields replacing the toy preset\'s for stage 1, e.g. \'{"patch_size": [1, 1, 1]}\'')
     p.add_argument("--work", type=Path, default=Path("runs/toy_pretrain"),
-                   help="folder of stage 1's weights and both stages' state files (a rerun resumes from them)")
+                   help="folder of the earlier stages' weights and every stage's state file (a rerun resumes from them)")
     p.add_argument("--out", type=Path, default=FM_WEIGHTS,
                    help="output .safetensors (a .json record is written next to it)")
     args = p.parse_args(argv)
-    # each stage writes into --work (the last into --out) and is skipped when its record exists: a rerun resumes
+    # the earlier stages write into --work and are skipped when their record is there (a rerun resumes); the last
+    # writes --out and always runs (from its own state file, if any): a record already at --out (the shipped
+    # weights', by default) is what it replaces, not a sign that it is done
     stages = ["stage1", *(["stage2"] if args.stage2_steps else []), *(["stage3"] if args.stage3_steps else [])]
     path = {name: args.out if name == stages[-1] else args.work / f"{name}.safetensors" for name in stages}
-    if not path["stage1"].with_suffix(".json").is_file():
+    done = lambda name: name != stages[-1] and path[name].with_suffix(".json").is_file()  # noqa: E731
+    if not done("stage1"):
         pretrain(args.steps, args.batch, args.lr, args.warmup, args.weight_decay, args.ema, args.seed,
                  args.caption_noise, path["stage1"], geometry=args.geometry, texture=args.texture)
     for name, recipe, steps, texture in (("stage2", STAGE2, args.stage2_steps, args.texture),
                                          ("stage3", STAGE3, args.stage3_steps, None)):
-        if name not in path or path[name].with_suffix(".json").is_file():
+        if name not in path or done(name):
             continue
         before = stages[stages.index(name) - 1]
         record = pretrain(steps, args.batch, recipe["lr"], recipe["warmup"], args.weight_decay, recipe["ema"],
