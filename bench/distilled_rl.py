@@ -66,6 +66,8 @@ MODELS: dict[str, list[str]] = {
 # the training total, and so the best-of-4 bar, change with it
 QUALITY_X3 = ('rewards.components=[{"name": "toy_quality", "weight": 3.0}, {"name": "toy_motion", "weight": 1.0}, '
               '{"name": "toy_text", "weight": 1.0}]')
+# the rollout's own inputs, clean context (as at inference) and NormGuard's hinge: the combined update
+COMBINED = ["train.noise=rollout", "train.context=clean", "train.norm_guard=1.0"]
 OPTIONS: list[tuple[str, list[str]]] = [
     ("defaults", []),
     ("sigmas=sampler_grid", ["train.sigmas=sampler_grid"]),
@@ -81,19 +83,13 @@ OPTIONS: list[tuple[str, list[str]]] = [
     ("old=copy", ["train.old_decay=0"]),
     ("passes=4", ["train.update_passes=4"]),
     ("norm_guard=1", ["train.norm_guard=1.0"]),
-    ("noise=rollout, clean context, norm_guard=1",
-     ["train.noise=rollout", "train.context=clean", "train.norm_guard=1.0"]),
-    ("noise=rollout, clean context, norm_guard=1, lr=3e-3",
-     ["train.noise=rollout", "train.context=clean", "train.norm_guard=1.0", "train.lr=3e-3"]),
-    ("noise=rollout, clean context, norm_guard=1, passes=2",
-     ["train.noise=rollout", "train.context=clean", "train.norm_guard=1.0", "train.update_passes=2"]),
-    ("noise=rollout, clean context, norm_guard=1, passes=4",
-     ["train.noise=rollout", "train.context=clean", "train.norm_guard=1.0", "train.update_passes=4"]),
-    ("noise=rollout, clean context, norm_guard=1, lr=2e-3",
-     ["train.noise=rollout", "train.context=clean", "train.norm_guard=1.0", "train.lr=2e-3"]),
+    ("noise=rollout, clean context, norm_guard=1", COMBINED),
+    ("noise=rollout, clean context, norm_guard=1, lr=3e-3", [*COMBINED, "train.lr=3e-3"]),
+    ("noise=rollout, clean context, norm_guard=1, passes=2", [*COMBINED, "train.update_passes=2"]),
+    ("noise=rollout, clean context, norm_guard=1, passes=4", [*COMBINED, "train.update_passes=4"]),
+    ("noise=rollout, clean context, norm_guard=1, lr=2e-3", [*COMBINED, "train.lr=2e-3"]),
     ("toy_quality weight 3", [QUALITY_X3]),
-    ("noise=rollout, clean context, norm_guard=1, toy_quality weight 3",
-     ["train.noise=rollout", "train.context=clean", "train.norm_guard=1.0", QUALITY_X3]),
+    ("noise=rollout, clean context, norm_guard=1, toy_quality weight 3", [*COMBINED, QUALITY_X3]),
     ("K=3", ["rollout.candidates=3", "rollout.prompts_per_epoch=12"]),
     ("K=12", ["rollout.candidates=12", "rollout.prompts_per_epoch=3"]),
 ]
